@@ -1,0 +1,50 @@
+// Every fastdg op schema, in one TORCH_LIBRARY block. Device kernels register themselves
+// in csrc/cpu/<op>.cpp (TORCH_LIBRARY_IMPL(fastdg, CPU)) and csrc/cuda/<op>.cu
+// (TORCH_LIBRARY_IMPL(fastdg, CUDA)); fake (meta) kernels, autograd and dispatch between
+// backends live in Python (fastdg/ops/). These are the streaming kernels the fused ops are
+// built from: each one is a single pass over its large inputs.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastdg, m) {
+  // ---- Batch-Instance Normalization (METHODS.md section 1) -------------------------------
+  // x: (N, C, H, W), contiguous NCHW or channels_last. Per-(n, c) mean and biased variance
+  // over (h, w), accumulated in fp32 (fp64 for fp64 x), merged Welford/Chan style.
+  m.def("bin_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  // y[n,c,h,w] = scale[n,c] * x[n,c,h,w] + shift[n,c]; y has x's dtype and memory format.
+  m.def("bin_apply(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  // Per (n, c): sum_dy = sum_hw dy, sum_dy_xc = sum_hw dy * (x - mean[n,c]).
+  m.def("bin_bwd_reduce(Tensor dy, Tensor x, Tensor mean) -> (Tensor sum_dy, Tensor sum_dy_xc)");
+  // dx[n,c,h,w] = p[n,c] * dy + q[n,c] * x + r[n,c]; dx has x's dtype and memory format.
+  m.def("bin_bwd_apply(Tensor dy, Tensor x, Tensor p, Tensor q, Tensor r) -> Tensor");
+
+  // ---- Per-group loss aggregation (METHODS.md section 2) ---------------------------------
+  // logits (N, K), target (N,) int64, group (N,) int64 in [0, G). Per-sample (label-smoothed)
+  // cross-entropy, its log-sum-exp, and fixed-order per-group sums and counts (fp32).
+  m.def("group_loss_stats(Tensor logits, Tensor target, Tensor group, int num_groups, "
+        "float label_smoothing) -> (Tensor losses, Tensor lse, Tensor sums, Tensor counts)");
+  // Per-sample losses (N,) -> per-group sums and counts.
+  m.def("group_loss_sums(Tensor losses, Tensor group, int num_groups) -> (Tensor sums, Tensor counts)");
+  // q_new = normalise(q * exp(eta * (sums / max(counts, 1) + adjustment))), group_mean = sums / max(counts, 1),
+  // robust = sum_g q_new[g] * group_mean[g]. Empty groups keep their weight.
+  m.def("group_q_update(Tensor q, Tensor sums, Tensor counts, float eta, Tensor? adjustment) "
+        "-> (Tensor q_new, Tensor group_mean, Tensor robust)");
+  // grad_logits[i] = group_scale[group[i]] * (softmax(logits[i]) - smoothed_onehot(target[i])).
+  m.def("group_loss_bwd(Tensor logits, Tensor target, Tensor group, Tensor lse, Tensor group_scale, "
+        "float label_smoothing) -> Tensor");
+
+  // ---- Batched k-means (METHODS.md section 4) ---------------------------------------------
+  // x (N, D), centroids (G, Kmax, D), point_group (N,) int64, k (G,) int64 clusters per group.
+  // labels (N,) int64 in [0, k[g]), min_dist (N,) fp32 squared distance to the chosen centroid.
+  m.def("kmeans_assign(Tensor x, Tensor centroids, Tensor point_group, Tensor k) -> (Tensor labels, Tensor min_dist)");
+  // Per-(group, cluster) coordinate sums (G, Kmax, D) fp32 and counts (G, Kmax) fp32, fixed order.
+  m.def("kmeans_update(Tensor x, Tensor labels, Tensor point_group, int num_groups, int kmax) "
+        "-> (Tensor sums, Tensor counts)");
+}
+
+// `import fastdg._C` loads this library (and so runs the registrations above); the module
+// itself has no Python attributes: everything is reached through torch.ops.fastdg.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,127 @@
+"""Backend choice for every fastdg op: one place, one rule.
+
+Each op declares its candidate backends in order of preference, each with a check that
+returns None when the backend can take these inputs or a reason why not. The first that
+accepts wins, unless a backend is forced by the op's `backend=` argument or by the
+FASTDG_BACKEND variable ("triton" for every op, or "bin_norm=cpp,group_loss=reference").
+A forced backend that cannot take the inputs raises, naming the reason: silently running
+something else would make benchmarks and bug reports lie.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+Check = Callable[..., Optional[str]]
+
+
+@dataclass
+class Choice:
+    op: str
+    backend: str
+    forced: bool
+    rejected: dict = field(default_factory=dict)  # backend -> reason
+
+    def explain(self) -> str:
+        lines = [f"{self.op}: using {self.backend}" + (" (forced)" if self.forced else "")]
+        lines += [f"  {name}: not used, {why}" for name, why in self.rejected.items()]
+        return "\n".join(lines)
+
+
+_last: dict[str, Choice] = {}
+
+
+def forced_backend(op: str, backend: str | None) -> str | None:
+    if backend is not None:
+        return backend
+    env = os.environ.get("FASTDG_BACKEND", "").strip()
+    if not env:
+        return None
+    if "=" not in env:
+        return env
+    for item in env.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() == op:
+            return value.strip()
+    return None
+
+
+def choose(op: str, candidates: list[tuple[str, Check]], backend: str | None, *args, **kwargs) -> Choice:
+    """Pick a backend for `op`. `candidates` is [(name, check)] in order of preference."""
+    want = forced_backend(op, backend)
+    names = [name for name, _ in candidates]
+    if want is not None and want not in names:
+        raise ValueError(f"backend={want!r} is not a backend of {op}; choose one of {names}")
+    rejected = {}
+    for name, check in candidates:
+        if want is not None and name != want:
+            continue
+        why = check(*args, **kwargs)
+        if why is None:
+            choice = Choice(op, name, want is not None, rejected)
+            _last[op] = choice
+            return choice
+        if want is not None:
+            raise RuntimeError(f"{op}: backend {want!r} was requested but cannot run here: {why}")
+        rejected[name] = why
+    raise RuntimeError(f"{op}: no backend can run these inputs: {rejected}")  # reference accepts all
+
+
+def last_choice(op: str) -> Choice | None:
+    """The backend decision of the latest call of `op` (for tests, logs and bug reports)."""
+    return _last.get(op)
+
+
+# ---- shared availability checks ----------------------------------------------------------
+
+def triton_unavailable() -> str | None:
+    """None when Triton kernels can run (a CUDA GPU, or TRITON_INTERPRET=1 on the CPU)."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    import torch
+
+    if torch.cuda.is_available() or interpreting():
+        return None
+    return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_device_reason(*tensors) -> str | None:
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+    why = triton_unavailable()
+    if why:
+        return why
+    for t in tensors:
+        if t is None:
+            continue
+        if t.is_cuda:
+            continue
+        if t.device.type == "cpu" and interpreting():
+            continue
+        return f"tensor on {t.device} (Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)"
+    return None
+
+
+def compiled_reason(op: str, *tensors) -> str | None:
+    """None when fastdg._C has a kernel for `op` on the tensors' device."""
+    from . import _ext
+
+    if _ext.load() is None:
+        return _ext.why_not()
+    dev = next((t.device.type for t in tensors if t is not None), "cpu")
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(dev)
+    if key is None:
+        return f"no compiled kernel for device type {dev}"
+    if not _ext.has_kernel(op, key):
+        if key == "CUDA" and not _ext.cuda_compiled():
+            return "fastdg._C was built without CUDA kernels"
+        return f"fastdg._C has no {key} kernel for {op}"
+    return None
