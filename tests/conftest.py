@@ -1,9 +1,14 @@
-"""Shared test set-up: the gpu marker skips (with its reason) where no CUDA device exists,
+"""Shared test set-up: Triton in interpreter mode without a GPU; the gpu marker skips (with its reason) where no CUDA device exists,
 and `data_dir` finds the real data sets (FASTDG_DATA, else ../shared/data beside the repo)."""
 import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in the interpreter. Triton reads this variable when a
+# kernel module is imported, so it is set here, before any test module imports fastdg.triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

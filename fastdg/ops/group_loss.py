@@ -106,7 +106,8 @@ def _check_triton(input, *_):
     return _dispatch.triton_device_reason(input)
 
 
-CANDIDATES = [("triton", _check_triton), ("cpp", _check_cpp), ("reference", lambda *_: None)]
+# cpp first: it declines CUDA tensors, and on CPU tensors it must beat the Triton interpreter.
+CANDIDATES = [("cpp", _check_cpp), ("triton", _check_triton), ("reference", lambda *_: None)]
 
 
 def _scale(grad, q_new, counts):
