@@ -31,12 +31,12 @@ class RunConfig:
     algorithm: str = "ERM"
     test_envs: tuple = (0,)
     data_dir: str | None = None
-    steps: int = 300
+    steps: int = 100
     hparams: dict = field(default_factory=dict)
     seed: int = 0
     trial_seed: int = 0
     holdout_fraction: float = 0.2
-    checkpoint_freq: int = 100
+    checkpoint_freq: int = 50
     device: str = "auto"
     bf16: bool = False
     channels_last: bool = False
