@@ -40,8 +40,8 @@ def build_parser():
     t.add_argument("--algorithm", nargs="+", default=["ERM", "GroupDRO"])
     t.add_argument("--test-envs", nargs="+", default=["all"],
                    help="'all' (each environment in turn) or the indices held out together")
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--checkpoint-freq", type=int, default=50)
+    t.add_argument("--steps", type=int, default=60)
+    t.add_argument("--checkpoint-freq", type=int, default=30)
     t.add_argument("--hparams", default="{}", help="JSON object of hyper-parameters")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--trial-seed", type=int, default=0)

@@ -24,6 +24,10 @@ from .profile import RoundProfiler, torch_trace
 
 SELECTION_METHODS = ("training_domain", "test_domain_oracle")
 
+# Per-data-set defaults under the user's hyper-parameters. The digit sets have 1,797 images
+# in all: 16 per domain per step keeps a 2-core CPU demo near a minute.
+DATASET_HPARAMS = {"RotatedDigits": {"batch_size": 16}, "ColoredDigits": {"batch_size": 16}}
+
 
 @dataclass
 class RunConfig:
@@ -31,12 +35,12 @@ class RunConfig:
     algorithm: str = "ERM"
     test_envs: tuple = (0,)
     data_dir: str | None = None
-    steps: int = 100
+    steps: int = 60
     hparams: dict = field(default_factory=dict)
     seed: int = 0
     trial_seed: int = 0
     holdout_fraction: float = 0.2
-    checkpoint_freq: int = 50
+    checkpoint_freq: int = 30
     device: str = "auto"
     bf16: bool = False
     channels_last: bool = False
@@ -138,7 +142,8 @@ class Trainer:
         self.splits = [fdata.split_holdout(len(ds[i]), cfg.holdout_fraction, seed=(cfg.trial_seed, i))
                        for i in range(n_env)]
         cls = algs.get_algorithm(cfg.algorithm)
-        self.alg = cls(ds.input_shape, ds.num_classes, len(self.train_envs), cfg.hparams).to(self.device)
+        hparams = {**DATASET_HPARAMS.get(ds.name, {}), **cfg.hparams}
+        self.alg = cls(ds.input_shape, ds.num_classes, len(self.train_envs), hparams).to(self.device)
         if cfg.channels_last:
             self.alg = self.alg.to(memory_format=torch.channels_last)
         self.batch_size = self.alg.hparams["batch_size"]
