@@ -226,6 +226,7 @@ class _Colored(_ShuffledStrideDataset):
         x, y, colour = color_environment(images, digits, self.E[i], g)
         env = TensorEnvironment(name, x, y)
         env.colour = colour  # kept for checks: P(colour == y) ~ 1 - e
+        env.digits = digits  # the original digit, so the 25% label noise can be checked
         return env
 
 
