@@ -107,7 +107,7 @@ class _ImageFetcher:
             dev = s.device.index if s.device.type == "cuda" else None
             if s.device.type == "cuda" and dev is None:
                 dev = torch.cuda.current_device()
-            self._pipe = train_pipeline(self._dali_source, n, s.num_workers, dev, _seed_int((_seed_int(s.seed), s.shard_id)),
+            self._pipe = train_pipeline(self._dali_source, n, max(1, s.num_workers), dev, _seed_int((_seed_int(s.seed), s.shard_id)),
                                         train=s.train, size=s.image_size)
         else:
             from .pil import FileDataset, make_transform
@@ -341,24 +341,40 @@ class EvalLoader:
             dev = None
             if self.device.type == "cuda":
                 dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self._pipe = eval_pipeline(self._paths, self.batch_size, self.num_workers, dev, self.shard_id,
+            self._pipe = eval_pipeline(self._paths, self.batch_size, max(1, self.num_workers), dev, self.shard_id,
                                        self.num_shards, self.image_size)
+        # With pad_last_batch DALI pads every shard to ceil(n / num_shards) samples, so a pass is
+        # the same number of reader batches on every rank; the padded tail is read and dropped.
+        per_shard = self._pipe.reader_meta("Reader")["epoch_size_padded"] // self.num_shards
+        iters = -(-per_shard // self.batch_size)
         self._clean = False
+        it = 0
         for lo in range(self.start, self.stop, self.batch_size):
             hi = min(lo + self.batch_size, self.stop)
-            try:
-                images, pos = self._pipe.run()
-            except Exception:
-                self._pipe = None
-                raise
+            images, pos = self._run_checked(lo)
+            it += 1
             x = to_torch(images, self.device)[:hi - lo]
             got = to_torch(pos, torch.device("cpu"), torch.int32).flatten()[:hi - lo]
             if not torch.equal(got.long(), torch.arange(lo, hi)):  # guards the reader's sharding contract
                 self._pipe = None
                 raise RuntimeError(f"DALI reader returned positions {got.tolist()[:8]}..., expected {lo}..{hi - 1}")
             if hi == self.stop:
+                for _ in range(it, iters):
+                    self._run_checked(hi)
                 self._clean = True
             yield self._out(x.permute(0, 3, 1, 2), lo, hi)
+
+    def _run_checked(self, lo):
+        try:
+            return self._pipe.run()
+        except Exception as e:
+            self._pipe = None
+            from .pil import undecodable
+            # DALI prefetches (queue depth 2), so the culprit is in this batch or the next two.
+            bad = undecodable(self._paths[lo:min(lo + 3 * self.batch_size, self.stop)])
+            if bad:
+                raise RuntimeError(f"dali loader failed; undecodable image file(s): {bad}") from e
+            raise
 
     def _iter_torch(self):
         from .pil import FileDataset, make_transform
