@@ -253,3 +253,20 @@ def test_pacs_dali_gpu(pacs):
     xs = torch.cat([x for x, _ in EvalLoader(pacs, 2, 16, "cuda", subset=torch.arange(40), backend="dali")])
     ref = torch.cat([x for x, _ in EvalLoader(pacs, 2, 16, "cpu", subset=torch.arange(40), backend="dali")])
     assert (xs.cpu() - ref).abs().mean() < 0.05  # nvJPEG vs libjpeg-turbo: rounding-level differences
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_images_match_their_indices(folder, backend):
+    """With train=False the transform is deterministic, so each streamed image must equal the
+    evaluation image of the index reported with it (also across a category swap, which drops
+    prefetched batches): guards the pairing of prefetched data with its sampled indices."""
+    ds = ImageFolderDataset(None, root=str(folder))
+    ref = torch.cat([torch.cat([x for x, _ in EvalLoader(ds, e, 5, "cpu", backend=backend, num_workers=0)])
+                     for e in (0, 1)])
+    st = DomainStreams(ds, [0, 1], 3, "cpu", train=False, backend=backend, num_workers=2, per_category=3,
+                       return_index=True)
+    for step in range(6):
+        if step == 2:
+            st.set_categories(torch.arange(24) % 3)
+        for x, _, idx in next(st):
+            assert torch.allclose(x, ref[idx], atol=1e-5), (step, idx)
