@@ -1,0 +1,153 @@
+"""group_loss: the reference against a plain per-group loop, and every backend against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdg import _ext
+from fastdg.ops import group_loss, last_choice
+from fastdg.ops.group_loss import TorchKernels, _FromLogits
+from fastdg.reference.group_loss import group_loss_ref
+
+HAS_CPP = _ext.has_kernel("group_loss_stats", "CPU")
+BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else [])
+
+
+def make(n, k, G, seed=0, dtype=torch.float64, empty=()):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g, dtype=torch.float64).mul(3).to(dtype)
+    y = torch.randint(0, k, (n,), generator=g)
+    allowed = torch.tensor([i for i in range(G) if i not in empty])
+    grp = allowed[torch.randint(0, len(allowed), (n,), generator=g)]
+    q = torch.rand(G, generator=g, dtype=torch.float64) + 0.1
+    return z, y, grp, (q / q.sum()).float()
+
+
+def loop_oracle(z, y, grp, q, eta, ls):
+    """DomainBed style: a Python loop over groups (an empty group keeps its weight)."""
+    G = len(q)
+    losses = [F.cross_entropy(z[grp == i], y[grp == i], label_smoothing=ls) if (grp == i).any()
+              else torch.zeros((), dtype=z.dtype) for i in range(G)]
+    L = torch.stack(losses)
+    q2 = q.double() * torch.exp(eta * L.detach())
+    q2 = q2 / q2.sum()
+    return (q2 * L).sum(), q2, L
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_per_group_loop(backend, ls):
+    z, y, grp, q = make(97, 13, 7, empty=(3,))
+    z.requires_grad_()
+    out = group_loss(z, y, grp, q, eta=0.3, label_smoothing=ls, backend=backend)
+    assert last_choice("group_loss").backend == backend
+    zl = z.detach().clone().requires_grad_()
+    loss, q2, L = loop_oracle(zl, y, grp, q, 0.3, ls)
+    torch.testing.assert_close(out.loss, loss)
+    torch.testing.assert_close(out.q.double(), q2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.group_loss, L.detach())
+    # the empty group 3 keeps its weight: its ratio is the normaliser alone
+    ratio = (out.q.double() / q.double()).detach()
+    assert ratio[3] == pytest.approx(float(ratio[0] / torch.exp(0.3 * L[0].detach())), rel=1e-5)
+    assert torch.equal(out.group_count, torch.bincount(grp, minlength=7).double())
+    g1, = torch.autograd.grad(out.loss, z)
+    g2, = torch.autograd.grad(loss, zl)  # d/dz with q held at its updated value in both
+    torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["one_group", "all_in_one", "single_sample", "many_groups", "wide"])
+def test_backend_matches_reference_edge_cases(backend, case):
+    n, k, G, empty = {"one_group": (40, 5, 1, ()), "all_in_one": (40, 5, 6, (0, 1, 2, 4, 5)),
+                      "single_sample": (1, 3, 4, ()), "many_groups": (600, 4, 4096, ()),
+                      "wide": (9, 32768, 3, ())}[case]
+    z, y, grp, q = make(n, k, G, seed=len(case), empty=empty)
+    z.requires_grad_()
+    adj = torch.rand(G, dtype=torch.float64) * 0.5
+    ref = group_loss_ref(z, y, grp, q, eta=0.05, label_smoothing=0.05, adjustment=adj)
+    out = group_loss(z, y, grp, q, eta=0.05, label_smoothing=0.05, adjustment=adj, backend=backend)
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.q, ref.q)
+    g_ref, = torch.autograd.grad(ref.loss, z)
+    g, = torch.autograd.grad(out.loss, z)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_from_per_sample_losses(backend):
+    g = torch.Generator().manual_seed(1)
+    losses = (torch.rand(50, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    grp = torch.randint(0, 5, (50,), generator=g)
+    q = torch.full((5,), 0.2)
+    out = group_loss(losses, None, grp, q, eta=0.1, backend=backend)
+    ref = group_loss_ref(losses, None, grp, q, eta=0.1)
+    torch.testing.assert_close(out.loss, ref.loss)
+    gl, = torch.autograd.grad(out.loss, losses)
+    counts = torch.bincount(grp, minlength=5).double()
+    torch.testing.assert_close(gl, (out.q.double() / counts)[grp])  # d loss / d l_i = q_g / n_g
+
+
+def test_gradcheck_float64():
+    z, y, grp, q = make(12, 5, 3)
+    z.requires_grad_()
+    # eta = 0: the q update is detached by definition, so only then is the loss a plain
+    # differentiable function of the logits that finite differences can check.
+    for backend in BACKENDS:
+        assert torch.autograd.gradcheck(lambda z: group_loss(z, y, grp, q.double(), eta=0.0, label_smoothing=0.1,
+                                                             backend=backend).loss, (z,))
+    assert torch.autograd.gradcheck(lambda z: _FromLogits.apply(z, y, grp, q.double(), 0.0, 0.1, None, TorchKernels,
+                                                                None)[0], (z,))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_low_precision_and_opcheck(dtype):
+    z64, y, grp, q = make(64, 10, 5, seed=3)
+    ref = group_loss_ref(z64, y, grp, q, eta=0.01)
+    out = group_loss(z64.to(dtype), y, grp, q, eta=0.01, backend="cpp")
+    low = group_loss_ref(z64.to(dtype), y, grp, q, eta=0.01)
+    assert abs(out.loss.double() - ref.loss).item() <= 2 * abs(low.loss.double() - ref.loss).item() + 1e-6
+    z = z64.float()
+    losses, lse, sums, counts = torch.ops.fastdg.group_loss_stats(z, y, grp, 5, 0.1)
+    scale = torch.rand(5)
+    for op, args in {"group_loss_stats": (z, y, grp, 5, 0.1), "group_loss_sums": (losses, grp, 5),
+                     "group_q_update": (q, sums, counts, 0.01, None),
+                     "group_loss_bwd": (z, y, grp, lse, scale, 0.1)}.items():
+        torch.library.opcheck(getattr(torch.ops.fastdg, op).default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_loss_never_poisons_q(backend):
+    z, y, grp, q = make(20, 4, 3)
+    z[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="input contains NaN"):
+        group_loss(z, y, grp, q, backend=backend)
+    if backend == "reference":
+        return  # the reference is the plain maths; the guard lives in the fused path
+    out = group_loss(z, y, grp, q, check_inputs=False, backend=backend)
+    assert torch.equal(out.q, q) and not torch.isfinite(out.loss)
+
+
+def test_q_stays_normalised_for_long_runs():
+    z, y, grp, q = make(30, 4, 3)
+    for _ in range(2000):  # unnormalised weights would overflow float32 long before this
+        q = group_loss(z * 10, y, grp, q, eta=5.0).q
+    assert torch.isfinite(q).all() and abs(float(q.sum()) - 1) < 1e-5
+
+
+def test_bad_inputs():
+    z, y, grp, q = make(10, 4, 3)
+    with pytest.raises(ValueError, match=r"group must hold ids in \[0, 3\)"):
+        group_loss(z, y, grp + 3, q)
+    with pytest.raises(ValueError, match=r"target must hold ids in \[0, 4\)"):
+        group_loss(z, y + 4, grp, q)
+    with pytest.raises(ValueError, match=r"target must have shape \(10,\)"):
+        group_loss(z, y[:5], grp, q)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        group_loss(z, y, grp, q, eta=-1.0)
+    with pytest.raises(TypeError, match="group must have dtype"):
+        group_loss(z, y, grp.float(), q)
+    with pytest.raises(ValueError, match="per-sample losses"):
+        group_loss(z, None, grp, q)
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        group_loss(z, y, grp, q, label_smoothing=1.5)
