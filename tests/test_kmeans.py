@@ -121,6 +121,31 @@ def test_kernels_low_precision(backend, device, dtype, poison):
     assert torch.equal(counts.cpu(), rcounts.cpu()) and rel_err(sums, rsums) < 1e-5
 
 
+@needs_cpp
+def test_cpp_baseline_isa_loops():
+    """The non-AVX2 build of the inner loops (what a CPU without AVX2 runs), in a fresh process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fastdg._ext as e; e.load()\n"
+        "from tests.test_kmeans import ragged, centroids_for, rel_err, SIZES, K\n"
+        "from fastdg.ops.kmeans import _CompiledKernels as C\n"
+        "from fastdg.reference.kmeans import TorchKernels as T\n"
+        "for D in (5, 19, 67):\n"
+        "    x, off = ragged(SIZES, D); k = torch.tensor(K); c = centroids_for(x, off, 8)\n"
+        "    a, b = C.step(x, c, off, k), T.step(x, c, off, k)\n"
+        "    assert torch.equal(a[0], b[0]) and all(rel_err(u, v) < 1e-12 for u, v in zip(a[1:], b[1:]))\n"
+        "    for dt in (torch.float32, torch.bfloat16):\n"
+        "        xl = x.to(dt); c32 = c.float()\n"
+        "        assert rel_err(C.dist(xl, c32, off), T.dist(xl.double(), c, off)) < 1e-5\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTDG_CPU_BASELINE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 # ---- the whole algorithm -------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -284,6 +309,49 @@ def test_cosine_and_predict(backend):
     assert torch.equal(pred, res.labels)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(backend, dtype):
+    """Half-precision points, fp32 accumulation: fp32 centroids, inertia close to the fp32 run."""
+    from sklearn.datasets import make_blobs
+
+    X, _ = make_blobs(900, 12, centers=4, cluster_std=1.0, random_state=3)
+    x = torch.tensor(X, dtype=torch.float32)
+    group = torch.arange(900) % 2
+    lo = kmeans(x.to(dtype), 4, group, backend=backend)
+    hi = kmeans(x.to(dtype).float(), 4, group, backend=backend)
+    assert lo.centroids.dtype == torch.float32 and lo.inertia.dtype == torch.float32
+    assert torch.equal(lo.labels, hi.labels)
+    assert rel_err(lo.inertia, hi.inertia) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_loop_syncs_do_not_grow_with_iterations():
+    """The stopping test reads the device every GPU_SYNC_EVERY iterations, not every iteration."""
+    import warnings
+
+    from fastdg.ops.kmeans import GPU_SYNC_EVERY
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(4000, 32, generator=gen).cuda()
+    group = (torch.arange(4000) % 4).cuda()
+
+    def syncs(max_iter):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                res = kmeans(x, 6, group, max_iter=max_iter, tol=0.0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught), int(res.n_iter.max())
+
+    few, it_few = syncs(GPU_SYNC_EVERY)
+    many, it_many = syncs(8 * GPU_SYNC_EVERY)
+    assert many - few <= (it_many - it_few) // GPU_SYNC_EVERY + 1
+
+
 # ---- validation ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -295,6 +363,7 @@ def test_cosine_and_predict(backend):
     (lambda x, g: kmeans(x, 2, g[:-1]), ValueError, "group must have one id per point"),
     (lambda x, g: kmeans(x, 2, g.float()), TypeError, "group must have dtype"),
     (lambda x, g: kmeans(x, 2, g - 1), ValueError, "group ids must be >= 0"),
+    (lambda x, g: kmeans(x, 2, g.to("meta")), ValueError, "group is on meta but the input is on cpu"),
     (lambda x, g: kmeans(x, 11), ValueError, "k=11 is larger than group 0"),
     (lambda x, g: kmeans(x, 6, g), ValueError, "k=6 is larger than group"),
     (lambda x, g: kmeans(x, 0), ValueError, "k must be >= 1"),

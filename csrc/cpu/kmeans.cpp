@@ -2,7 +2,8 @@
 // reseeding of empty clusters are in fastdg/reference/kmeans.py, shared by every backend.
 //
 // Layout: x (N, D) with the rows of group g at offsets[g]..offsets[g+1]. Work is split into
-// items = (group, block of at most `rows` consecutive rows); the split depends only on the
+// items = (group, block of consecutive rows: kItemRows, or 4 * Kmax when the per-item partial
+// sums would otherwise outweigh the rows); the split depends only on the
 // shapes, never on the thread count, and every reduction runs over items in index order, so
 // the results are bitwise reproducible whatever the number of threads.
 //
@@ -10,7 +11,8 @@
 // fp64 x); fp16/bf16 rows are widened once into a per-thread fp32 buffer. The fused step reads
 // each row once: the row is still in L1 when it is added to its cluster's partial sum.
 // The inner loops are compiled twice, for the baseline ISA and for AVX2+FMA, and picked at run
-// time, because the extension is built without -march flags.
+// time, because the extension is built without -march flags. Rows are processed in pairs so
+// that every centroid element loaded feeds two products.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,10 +20,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if !(defined(__GNUC__) || defined(__clang__))
+#error "csrc/cpu/kmeans.cpp uses GCC/Clang vector extensions: build with GCC or Clang"
+#endif
+#if defined(__x86_64__)
 #define FASTDG_KM_X86 1
 #define FASTDG_KM_AVX2 __attribute__((target("avx2,fma")))
 #endif
@@ -178,7 +184,9 @@ struct Loops {
   Add add = &add_row_base<T>;
   Loops() {
 #ifdef FASTDG_KM_X86
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    // FASTDG_CPU_BASELINE=1 keeps the baseline loops (so tests can exercise them on AVX2 hosts).
+    const char* baseline = std::getenv("FASTDG_CPU_BASELINE");
+    if (!(baseline && baseline[0] == '1') && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       dist = &dist_avx2<T>;
       add = &add_row_avx2<T>;
     }
