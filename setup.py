@@ -22,13 +22,30 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0"
 
 
+def _find_cuda_home():
+    """Point CUDA_HOME at a real toolkit before torch's cpp_extension reads it: torch guesses
+    it from `which nvcc`, which is wrong when nvcc is a wrapper script (/usr/local/bin/nvcc
+    exec'ing /usr/local/cuda-13.0/bin/nvcc): it then links against a libcudart that is not there."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = root
+            return
+
+
+_find_cuda_home()
+
+
 def _cuda_wanted():
     flag = os.environ.get("FASTDG_CUDA", "").strip()
     if flag == "0":
         return False, "FASTDG_CUDA=0"
-    nvcc = shutil.which("nvcc") or (
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
-    )
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
     have = bool(nvcc and os.path.exists(nvcc))
     if flag == "1" and not have:
         sys.exit("FASTDG_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")

@@ -32,6 +32,7 @@ class Choice:
 
 
 _last: dict[str, Choice] = {}
+_forcing = False  # True while the checks of a forced choice run (see triton_device_reason)
 
 
 def forced_backend(op: str, backend: str | None) -> str | None:
@@ -55,11 +56,16 @@ def choose(op: str, candidates: list[tuple[str, Check]], backend: str | None, *a
     names = [name for name, _ in candidates]
     if want is not None and want not in names:
         raise ValueError(f"backend={want!r} is not a backend of {op}; choose one of {names}")
+    global _forcing
     rejected = {}
     for name, check in candidates:
         if want is not None and name != want:
             continue
-        why = check(*args, **kwargs)
+        _forcing = want is not None
+        try:
+            why = check(*args, **kwargs)
+        finally:
+            _forcing = False
         if why is None:
             choice = Choice(op, name, want is not None, rejected)
             _last[op] = choice
@@ -95,7 +101,9 @@ def interpreting() -> bool:
 
 
 def triton_device_reason(*tensors) -> str | None:
-    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter."""
+    """Triton runs on CUDA tensors, or on CPU tensors under the interpreter. The interpreter
+    is a test device, thousands of times slower than any other backend: it is used only when
+    Triton is forced (backend="triton" or FASTDG_BACKEND), never picked by preference."""
     why = triton_unavailable()
     if why:
         return why
@@ -105,7 +113,9 @@ def triton_device_reason(*tensors) -> str | None:
         if t.is_cuda:
             continue
         if t.device.type == "cpu" and interpreting():
-            continue
+            if _forcing:
+                continue
+            return "CPU tensor: the Triton interpreter runs only when forced (backend='triton')"
         return f"tensor on {t.device} (Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1)"
     return None
 

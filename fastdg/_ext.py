@@ -48,6 +48,9 @@ def _load() -> tuple[object | None, str]:
             return None, "fastdg._C is not built (pip install --no-build-isolation -e .)"
         warnings.warn(f"fastdg._C failed to load, using the fallback backends: {text}", RuntimeWarning, stacklevel=3)
         return None, f"fastdg._C failed to load: {text}"
+    from .ops import _fake
+
+    _fake.register()
     return module, "loaded"
 
 

@@ -100,3 +100,10 @@ def test_info_command_tells_the_truth():
 
 def test_version():
     assert fastdg.__version__
+
+
+def test_mismatched_build_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_ext, "build_info", lambda: {"torch": "1.0.0", "cuda_compiled": False})
+    with pytest.warns(RuntimeWarning, match="built for torch 1.0.0"):
+        module, why = _ext._load.__wrapped__()
+    assert module is None and "rebuild" in why

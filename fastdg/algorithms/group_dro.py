@@ -1,0 +1,33 @@
+"""GroupDRO (Sagawa et al. 2020) with domains as groups, on fastdg's fused group loss.
+
+One forward over the concatenated batch (DomainBed runs one per domain: identical maths for
+networks without batch statistics; with BatchNorm the statistics differ). q starts at 1/G
+(DomainBed starts at ones; the two agree after the first normalised update) and is updated
+on the device: no host synchronisation per step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import group_loss
+from .base import ERM, domain_ids
+
+
+class GroupDRO(ERM):
+    HPARAMS = {"groupdro_eta": 1e-2}
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams=None):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        self.register_buffer("q", torch.full((num_domains,), 1.0 / num_domains))
+
+    def robust_step(self, minibatches, group, q):
+        x = torch.cat([x for x, _ in minibatches])
+        y = torch.cat([y for _, y in minibatches])
+        out = group_loss(self.predict(x), y, group, q, eta=self.hparams["groupdro_eta"], check_inputs=False)
+        self.step(out.loss)
+        q.copy_(out.q)
+        return {"loss": out.loss.detach(), "group_loss": out.group_loss}
+
+    def update(self, minibatches, unlabeled=None):
+        device = minibatches[0][1].device
+        return self.robust_step(minibatches, domain_ids(minibatches, device), self.q)

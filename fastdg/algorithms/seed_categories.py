@@ -1,0 +1,86 @@
+"""Seed categories with a dynamic distribution (paper 001, Algorithm 1; METHODS.md section 3).
+
+Every `seed_t0` steps the training pool of each domain is split into K seed categories, by
+per-sample loss ranking (quantile bins, the paper's default) or by k-means on the features,
+and the weights q over categories are reset to 1/|C|. Each step the trainer draws
+`per_category` samples from every category (it asks `sample_categories`), and the robust
+loss sum_c q_c L_c is minimised with q updated exactly as GroupDRO's (eta = 0.01), fused.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import seed_assign_by_loss
+from .group_dro import GroupDRO
+
+
+class SeedCategories(GroupDRO):
+    HPARAMS = {
+        "seed_k": 4,                 # categories per domain (the paper's best)
+        "seed_t0": 1000,             # steps between re-distributions (paper: 1000 of 5000)
+        "seed_method": "loss_rank",  # loss_rank | kmeans
+        "seed_per_class": False,     # split each domain x class instead of each domain
+    }
+    samples_by_category = True
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams=None):
+        super().__init__(input_shape, num_classes, num_domains, hparams)
+        if self.hparams["seed_method"] not in ("loss_rank", "kmeans"):
+            raise ValueError(f"seed_method must be 'loss_rank' or 'kmeans', got {self.hparams['seed_method']!r}")
+        groups = num_domains * (num_classes if self.hparams["seed_per_class"] else 1)
+        self.num_categories = groups * self.hparams["seed_k"]
+        self.register_buffer("q", torch.full((self.num_categories,), 1.0 / self.num_categories))
+        self.register_buffer("categories", torch.zeros(0, dtype=torch.int64))
+
+    def per_category(self) -> int:
+        """Samples per category, keeping the total batch of batch_size x domains."""
+        return max(1, self.hparams["batch_size"] * self.num_domains // self.num_categories)
+
+    def due(self, step: int) -> bool:
+        return self.categories.numel() == 0 or step % self.hparams["seed_t0"] == 0
+
+    @torch.no_grad()
+    def recompute_categories(self, x, y, domain, chunk=1024):
+        """Assign every pool sample (x, y, domain: the concatenated training subsets) a category."""
+        was_training = self.training
+        self.eval()
+        losses, feats = [], []
+        for s in range(0, len(y), chunk):
+            f = self.featurizer(x[s:s + chunk])
+            feats.append(f)
+            losses.append(torch.nn.functional.cross_entropy(self.classifier(f), y[s:s + chunk], reduction="none"))
+        self.train(was_training)
+        k = self.hparams["seed_k"]
+        classes = y if self.hparams["seed_per_class"] else None
+        ncls = self.num_classes if classes is not None else None
+        if self.hparams["seed_method"] == "loss_rank":
+            cats = seed_assign_by_loss(torch.cat(losses), domain, k, classes=classes, num_classes=ncls)
+        else:
+            from ..cluster import seed_categories  # batched k-means per domain (x class)
+
+            cats = seed_categories("kmeans", embeddings=torch.cat(feats), domain=domain, classes=classes, k=k,
+                                   seed=int(self.q.numel()))
+        self.categories = cats
+        self.q.fill_(1.0 / self.num_categories)
+        return cats
+
+    def sample_categories(self, generator):
+        """Pool indices: `per_category` drawn uniformly (with replacement) from every category.
+        Returns (indices (|C| * B,), category of each). On the pool's device, no host sync."""
+        cats = self.categories
+        B = self.per_category()
+        order = torch.argsort(cats, stable=True)
+        counts = torch.bincount(cats, minlength=self.num_categories)
+        starts = torch.cumsum(counts, 0) - counts
+        u = torch.rand(self.num_categories, B, generator=generator, device=generator.device)
+        # Empty categories (possible with k-means) draw nothing useful: clamp to one slot and mask.
+        pick = starts[:, None] + (u * counts.clamp_min(1)[:, None]).long()
+        pick = pick.clamp_max(max(len(order) - 1, 0))
+        valid = (counts > 0)[:, None].expand(-1, B).reshape(-1)
+        idx = order[pick.reshape(-1)]
+        cat_of = torch.arange(self.num_categories, device=cats.device).repeat_interleave(B)
+        return idx[valid], cat_of[valid]
+
+    def update_categories(self, x, y, category):
+        """One step on a per-category batch (x, y, category id per row)."""
+        return self.robust_step([(x, y)], category, self.q)

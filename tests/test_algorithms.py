@@ -1,0 +1,92 @@
+"""Algorithms: the DomainBed interface, tensor statistics, and each method's defining maths."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdg.algorithms import ALGORITHMS, get_algorithm
+from fastdg.algorithms.sagnet import content_randomize, style_randomize
+
+SHAPE, CLASSES, DOMAINS = (1, 8, 8), 10, 3
+
+
+def batches(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *SHAPE, generator=g), torch.randint(0, CLASSES, (n,), generator=g))
+            for _ in range(DOMAINS)]
+
+
+@pytest.mark.parametrize("name", [n for n in ALGORITHMS if n != "SeedCategories"])
+def test_update_returns_finite_tensor_stats_and_changes_weights(name):
+    torch.manual_seed(0)
+    alg = get_algorithm(name)(SHAPE, CLASSES, DOMAINS, {})
+    before = [p.detach().clone() for p in alg.parameters()]
+    stats = alg.update(batches())
+    assert stats and all(isinstance(v, torch.Tensor) and not v.requires_grad for v in stats.values())
+    assert all(torch.isfinite(v).all() for v in stats.values())
+    assert any(not torch.equal(a, b) for a, b in zip(before, alg.parameters()))
+    assert alg.predict(batches()[0][0]).shape == (8, CLASSES)
+
+
+def test_unknown_names_are_errors():
+    with pytest.raises(ValueError, match="unknown algorithm 'Nope'"):
+        get_algorithm("Nope")
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter\(s\) \['lrr'\]"):
+        get_algorithm("ERM")(SHAPE, CLASSES, DOMAINS, {"lrr": 1.0})
+
+
+def test_groupdro_q_follows_the_per_domain_loop():
+    torch.manual_seed(0)
+    alg = get_algorithm("GroupDRO")(SHAPE, CLASSES, DOMAINS, {"groupdro_eta": 0.5})
+    mb = batches()
+    with torch.no_grad():
+        losses = torch.stack([F.cross_entropy(alg.predict(x), y) for x, y in mb])
+    expected = torch.full((DOMAINS,), 1 / DOMAINS) * torch.exp(0.5 * losses)
+    expected /= expected.sum()
+    alg.update(mb)
+    torch.testing.assert_close(alg.q, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_seed_categories_redistribute_and_sample_exactly_b_per_category():
+    torch.manual_seed(0)
+    alg = get_algorithm("SeedCategories")(SHAPE, CLASSES, DOMAINS, {"seed_k": 4, "batch_size": 16})
+    n = 120
+    x, y = torch.randn(n, *SHAPE), torch.randint(0, CLASSES, (n,))
+    dom = torch.arange(n) % DOMAINS
+    cats = alg.recompute_categories(x, y, dom)
+    assert cats.shape == (n,) and int(cats.max()) < alg.num_categories
+    assert torch.equal(cats // 4, dom)  # categories nest inside domains
+    torch.testing.assert_close(alg.q, torch.full((12,), 1 / 12))
+    idx, cat = alg.sample_categories(torch.Generator().manual_seed(1))
+    B = alg.per_category()
+    assert B == 16 * DOMAINS // 12
+    assert torch.equal(torch.bincount(cat, minlength=12), torch.full((12,), B))
+    assert torch.equal(cats[idx], cat)  # every drawn sample belongs to the category it stands for
+    stats = alg.update_categories(x[idx], y[idx], cat)
+    assert torch.isfinite(stats["loss"]) and not torch.equal(alg.q, torch.full((12,), 1 / 12))
+    assert alg.due(alg.hparams["seed_t0"]) and not alg.due(1)
+
+
+def test_sagnet_randomisations():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 6, 7, dtype=torch.float64) * 3 + 1
+    ident = torch.arange(5)
+    torch.testing.assert_close(style_randomize(x, ident, torch.rand(5, dtype=torch.float64), eps=0.0), x)
+    torch.testing.assert_close(content_randomize(x, ident, eps=0.0), x)
+    perm = torch.tensor([1, 2, 3, 4, 0])
+    # alpha = 0: the style (per-(n, c) mean and unbiased variance) of sample perm[n]
+    out = style_randomize(x, perm, torch.zeros(5, dtype=torch.float64), eps=0.0)
+    torch.testing.assert_close(out.mean((2, 3)), x[perm].mean((2, 3)))
+    torch.testing.assert_close(out.var((2, 3)), x[perm].var((2, 3)))
+    out = content_randomize(x, perm, eps=0.0)
+    torch.testing.assert_close(out.mean((2, 3)), x.mean((2, 3)))
+
+
+def test_sagnet_randomness_is_injectable():
+    torch.manual_seed(0)
+    a = get_algorithm("SagNet")(SHAPE, CLASSES, DOMAINS, {})
+    b = get_algorithm("SagNet")(SHAPE, CLASSES, DOMAINS, {})
+    b.load_state_dict(a.state_dict())
+    mb = batches()
+    r = (torch.tensor([5, 3, 1, 0, 2, 4, 6, 7] * 3)[:24].argsort(), torch.full((24,), 0.3))
+    sa, sb = a.update(mb, randomness=r), b.update(mb, randomness=r)
+    torch.testing.assert_close(sa["loss"], sb["loss"])

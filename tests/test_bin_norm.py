@@ -1,0 +1,187 @@
+"""bin_norm: the reference against torch's own norms, and every backend against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdg import _ext
+from fastdg.ops import bin_norm, last_choice
+from fastdg.ops.bin_norm import TorchKernels, _BinNormFunction
+from fastdg.reference.bin_norm import bin_norm_ref
+
+needs_ext = pytest.mark.skipif(_ext.load() is None, reason=f"fastdg._C not loaded: {_ext.why_not()}")
+
+
+def make(shape, dtype=torch.float64, channels_last=False, seed=0, sep=False):
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + torch.randn(1, C, 1, 1, generator=g,
+                                                                              dtype=torch.float64) * 3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def vec(lo, hi):
+        return (torch.rand(C, generator=g, dtype=torch.float64) * (hi - lo) + lo)
+
+    p = {"weight": vec(0.5, 1.5), "bias": vec(-1, 1), "rho": vec(0, 1)}
+    if sep:
+        p.update(in_weight=vec(0.5, 1.5), in_bias=vec(-1, 1))
+    running = (vec(-1, 1), vec(0.5, 2))
+    return x, p, running
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def run(backend, x, p, running, mode, dy):
+    x = x.detach().clone().requires_grad_()
+    params = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+    rm, rv = (t.clone() for t in running)
+    if backend == "torch-kernels":
+        y = _BinNormFunction.apply(x, params["weight"], params["bias"], params["rho"], params.get("in_weight"),
+                                   params.get("in_bias"), rm, rv, mode, 0.1, 1e-5, TorchKernels)
+    else:
+        y = bin_norm(x, running_mean=rm, running_var=rv, mode=mode, backend=backend, **params)
+    grads = torch.autograd.grad(y, [x] + list(params.values()), dy)
+    return y, dict(zip(["x"] + list(params), grads)), rm, rv
+
+
+# ---- the reference is right: rho = 1 is BatchNorm2d, rho = 0 is InstanceNorm2d ------------
+
+@pytest.mark.parametrize("rho_value, mode", [(1.0, "train"), (1.0, "eval"), (0.0, "train"), (0.0, "eval")])
+def test_reference_reduces_to_torch_norms(rho_value, mode):
+    x, p, (rm, rv) = make((4, 5, 7, 9))
+    x.requires_grad_()
+    w, b = p["weight"].requires_grad_(), p["bias"].requires_grad_()
+    rho = torch.full((5,), rho_value, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y = bin_norm_ref(x, w, b, rho, rm1, rv1, mode=mode)
+    if rho_value == 1.0:
+        y_t = F.batch_norm(x, rm2, rv2, w, b, mode == "train", 0.1, 1e-5)
+    else:
+        y_t = F.instance_norm(x, weight=w, bias=b, eps=1e-5)
+    g = torch.autograd.grad(y, (x, w, b), dy)
+    g_t = torch.autograd.grad(y_t, (x, w, b), dy)
+    torch.testing.assert_close(y, y_t)
+    for a, e in zip(g, g_t):
+        torch.testing.assert_close(a, e)
+    if rho_value == 1.0:  # running statistics: momentum update with the unbiased variance
+        torch.testing.assert_close(rm1, rm2)
+        torch.testing.assert_close(rv1, rv2)
+
+
+def test_hold_mode_leaves_running_stats_and_eval_ignores_batch():
+    x, p, (rm, rv) = make((3, 4, 5, 6))
+    rm0, rv0 = rm.clone(), rv.clone()
+    bin_norm_ref(x, **p, running_mean=rm, running_var=rv, mode="hold")
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    y1 = bin_norm_ref(x, **p, running_mean=rm, running_var=rv, mode="eval")
+    y2 = bin_norm_ref(torch.cat([x, x * 5 + 3])[:3], **p, running_mean=rm, running_var=rv, mode="eval")
+    torch.testing.assert_close(y1, y2)
+
+
+def test_gradcheck_and_gradgradcheck_float64():
+    x, p, running = make((2, 3, 3, 4), sep=True)
+    inputs = [x.requires_grad_()] + [p[k].requires_grad_() for k in ("weight", "bias", "rho", "in_weight", "in_bias")]
+    for backend in ("reference", "cpp") if _ext.load() is not None else ("reference",):
+        def f(x, w, b, r, iw, ib):
+            return bin_norm(x, w, b, r, mode="hold", in_weight=iw, in_bias=ib, backend=backend)
+        assert torch.autograd.gradcheck(f, inputs)
+        assert torch.autograd.gradgradcheck(f, inputs)  # second order: MetaBIN's meta-gradient
+
+
+# ---- every fast path against the reference ------------------------------------------------
+
+SHAPES = [(4, 5, 7, 9), (1, 3, 5, 5), (3, 70, 1, 3), (2, 2, 64, 65)]
+BACKENDS = ["torch-kernels"] + (["cpp"] if _ext.load() is not None else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("sep", [False, True])
+@pytest.mark.parametrize("mode", ["train", "hold", "eval"])
+def test_backend_matches_reference_float64(backend, shape, channels_last, sep, mode):
+    if mode == "train" and shape[0] * shape[2] * shape[3] < 2:
+        pytest.skip("train mode needs more than one value per channel")
+    x, p, running = make(shape, channels_last=channels_last, sep=sep, seed=hash((shape, sep)) % 1000)
+    dy = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    if channels_last:
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    y, g, rm, rv = run(backend, x, p, running, mode, dy)
+    y_r, g_r, rm_r, rv_r = run("reference", x, p, running, mode, dy)
+    assert rel(y, y_r) < 1e-12
+    for k in g_r:
+        assert rel(g[k], g_r[k]) < 1e-10, k
+    assert rel(rm, rm_r) < 1e-13 and rel(rv, rv_r) < 1e-13
+    if channels_last and backend != "torch-kernels":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert g["x"].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_low_precision_within_twice_the_reference_error(dtype, channels_last):
+    """Half precision passes when its error is within 2x of the reference's own in that precision."""
+    x64, p, running = make((4, 6, 9, 11), channels_last=channels_last, seed=4)
+    dy64 = torch.randn(x64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    exact = run("reference", x64, p, running, "train", dy64)
+    x, dy = x64.to(dtype), dy64.to(dtype)
+    pl = {k: v.float() for k, v in p.items()}
+    run_l = [run(b, x, pl, tuple(t.float() for t in running), "train", dy) for b in ("cpp", "reference")]
+    assert last_choice("bin_norm").backend == "reference"
+    (y_c, g_c, _, _), (y_r, g_r, _, _) = run_l
+    assert y_c.dtype == dtype
+    assert rel(y_c, exact[0]) <= 2 * rel(y_r, exact[0]) + 1e-6
+    for k in g_r:
+        assert rel(g_c[k], exact[1][k]) <= 2 * rel(g_r[k], exact[1][k]) + 1e-6, k
+
+
+@needs_ext
+def test_cpp_kernels_write_every_element_and_pass_opcheck():
+    x, _, _ = make((3, 4, 5, 7), dtype=torch.float32)
+    mean, var = torch.ops.fastdg.bin_stats(x)
+    v_ref, m_ref = torch.var_mean(x.double(), dim=(2, 3), unbiased=False)
+    assert rel(mean, m_ref) < 1e-6 and rel(var, v_ref) < 1e-6
+    scale, shift = torch.rand(3, 4) + 0.5, torch.randn(3, 4)
+    y = torch.ops.fastdg.bin_apply(x, scale, shift)
+    assert torch.isfinite(y).all()  # empty_like output: garbage would show up as a mismatch
+    torch.testing.assert_close(y, x * scale[..., None, None] + shift[..., None, None])
+    dy = torch.randn_like(x)
+    for x_ in (x, x.contiguous(memory_format=torch.channels_last)):
+        fmt = torch.contiguous_format if x_.is_contiguous() else torch.channels_last
+        dy_ = dy.contiguous(memory_format=fmt)
+        args = {
+            "bin_stats": (x_,),
+            "bin_apply": (x_, scale, shift),
+            "bin_bwd_reduce": (dy_, x_, mean),
+            "bin_bwd_apply": (dy_, x_, scale, shift, torch.randn(3, 4)),
+        }
+        for op, a in args.items():
+            torch.library.opcheck(getattr(torch.ops.fastdg, op).default, a,
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+def test_bad_inputs_name_the_argument():
+    x, p, (rm, rv) = make((2, 3, 4, 4), dtype=torch.float32)
+    p = {k: v.float() for k, v in p.items()}
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        bin_norm(x[0], **p)
+    with pytest.raises(ValueError, match=r"rho must have shape \(3,\)"):
+        bin_norm(x, p["weight"], p["bias"], torch.rand(4))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        bin_norm(x.long(), **p)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        bin_norm(x, **p, mode="test")
+    with pytest.raises(ValueError, match="needs running_mean"):
+        bin_norm(x, **p, mode="eval")
+    with pytest.raises(ValueError, match="weight and bias must be given together"):
+        bin_norm(x, p["weight"], None, p["rho"])
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bin_norm(x[:1, :, :1, :1], **p, running_mean=rm.float(), running_var=rv.float())
+    with pytest.raises(TypeError, match="rho must be a torch.Tensor"):
+        bin_norm(x, p["weight"], p["bias"], None)
