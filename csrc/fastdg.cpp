@@ -34,12 +34,20 @@ TORCH_LIBRARY(fastdg, m) {
         "float label_smoothing) -> Tensor");
 
   // ---- Batched k-means (METHODS.md section 4) ---------------------------------------------
-  // x (N, D), centroids (G, Kmax, D), point_group (N,) int64, k (G,) int64 clusters per group.
-  // labels (N,) int64 in [0, k[g]), min_dist (N,) fp32 squared distance to the chosen centroid.
-  m.def("kmeans_assign(Tensor x, Tensor centroids, Tensor point_group, Tensor k) -> (Tensor labels, Tensor min_dist)");
-  // Per-(group, cluster) coordinate sums (G, Kmax, D) fp32 and counts (G, Kmax) fp32, fixed order.
-  m.def("kmeans_update(Tensor x, Tensor labels, Tensor point_group, int num_groups, int kmax) "
-        "-> (Tensor sums, Tensor counts)");
+  // Rows of x (N, D) sorted by group: group g owns rows offsets[g]..offsets[g+1] (offsets (G+1,)
+  // int64, on x's device). Centroids/centers are fp32 (fp64 for fp64 x); k (G,) int64 is the
+  // number of clusters in use per group, 0 = skip the group (labels -1, min_dist 0, no sums).
+  // d(x, c) = ||x||^2 - 2 x.c + ||c||^2 clamped at 0, ties to the lowest index. Every reduction
+  // runs in a fixed order (deterministic).
+  // labels (N,) int64 in [0, k[g]), min_dist (N,) squared distance to the chosen centroid.
+  m.def("kmeans_assign(Tensor x, Tensor centroids, Tensor offsets, Tensor k) -> (Tensor labels, Tensor min_dist)");
+  // Per-(group, cluster) coordinate sums (G, kmax, D) and counts (G, kmax) int64; labels < 0 ignored.
+  m.def("kmeans_update(Tensor x, Tensor labels, Tensor offsets, int kmax) -> (Tensor sums, Tensor counts)");
+  // One Lloyd pass over x: kmeans_assign + kmeans_update on its labels + per-group inertia (G,).
+  m.def("kmeans_step(Tensor x, Tensor centroids, Tensor offsets, Tensor k) "
+        "-> (Tensor labels, Tensor min_dist, Tensor sums, Tensor counts, Tensor inertia)");
+  // (N, L) squared distances of every row to each of the L centers (G, L, D) of its group (k-means++).
+  m.def("kmeans_dist(Tensor x, Tensor centers, Tensor offsets) -> Tensor");
 }
 
 // `import fastdg._C` loads this library (and so runs the registrations above); the module

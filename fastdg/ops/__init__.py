@@ -4,6 +4,7 @@ references in fastdg.reference are the specification and the fallback.
 from .._dispatch import last_choice  # noqa: F401
 from .bin_norm import bin_norm  # noqa: F401
 from .group_loss import group_loss  # noqa: F401
+from .kmeans import kmeans, kmeans_predict  # noqa: F401
 from .seed_assign import seed_assign_by_loss  # noqa: F401
 
-__all__ = ["bin_norm", "group_loss", "seed_assign_by_loss", "last_choice"]
+__all__ = ["bin_norm", "group_loss", "kmeans", "kmeans_predict", "seed_assign_by_loss", "last_choice"]
