@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
+
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 Check = Callable[..., Optional[str]]
@@ -51,7 +53,19 @@ def forced_backend(op: str, backend: str | None) -> str | None:
 
 
 def choose(op: str, candidates: list[tuple[str, Check]], backend: str | None, *args, **kwargs) -> Choice:
-    """Pick a backend for `op`. `candidates` is [(name, check)] in order of preference."""
+    """Pick a backend for `op`. `candidates` is [(name, check)] in order of preference.
+
+    Under torch.compile the choice is made once, at trace time, and enters the graph as a
+    constant (see `_choose_at_trace_time`): the checks read files, environment variables and
+    the extension's registry, none of which belongs in a graph."""
+    if _compiling():
+        specs = tuple((str(a.device), a.dtype) if isinstance(a, torch.Tensor) else None for a in args)
+        name = _choose_at_trace_time(op, tuple(candidates), backend, specs)
+        return Choice(op, name, backend is not None)
+    return _choose_eager(op, candidates, backend, *args, **kwargs)
+
+
+def _choose_eager(op, candidates, backend, *args, **kwargs) -> Choice:
     want = forced_backend(op, backend)
     names = [name for name, _ in candidates]
     if want is not None and want not in names:
@@ -76,6 +90,18 @@ def choose(op: str, candidates: list[tuple[str, Check]], backend: str | None, *a
     raise RuntimeError(f"{op}: no backend can run these inputs: {rejected}")  # reference accepts all
 
 
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+@torch.compiler.assume_constant_result
+def _choose_at_trace_time(op, candidates, backend, specs) -> str:
+    """The eager choice for tensors of these (device, dtype): every check reads only those, so
+    zero-size stand-ins (no memory, no data) give the same answer."""
+    stand_ins = [None if s is None else torch.empty(0, device=s[0], dtype=s[1]) for s in specs]
+    return _choose_eager(op, list(candidates), backend, *stand_ins).backend
+
+
 def last_choice(op: str) -> Choice | None:
     """The backend decision of the latest call of `op` (for tests, logs and bug reports)."""
     return _last.get(op)
@@ -89,8 +115,6 @@ def triton_unavailable() -> str | None:
         import triton  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable ({type(exc).__name__}: {exc})"
-    import torch
-
     if torch.cuda.is_available() or interpreting():
         return None
     return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
