@@ -10,6 +10,7 @@ something else would make benchmarks and bug reports lie.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -94,7 +95,17 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result, without importing torch._dynamo (1.3 s) when
+    fastdg is imported: the decorator only sets this flag (tests/test_nn_bin.py compiles
+    through it, so a change in torch shows up there)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _choose_at_trace_time(op, candidates, backend, specs) -> str:
     """The eager choice for tensors of these (device, dtype): every check reads only those, so
     zero-size stand-ins (no memory, no data) give the same answer."""
