@@ -39,6 +39,23 @@ class _Timer:
         return a.elapsed_time(b) / 1e3 if self.cuda else b - a
 
 
+_active = None  # the RoundProfiler that `phase` reports to (RoundProfiler.activate)
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Time the enclosed code as phase `name` of the active RoundProfiler; a no-op when none is
+    active or while torch.compile traces (an event record would break the graph). Algorithms
+    mark "forward", "backward" and "optimizer" with it; the trainer marks "data", "update",
+    "categories" and "eval"."""
+    prof = _active
+    if prof is None or torch.compiler.is_compiling():
+        yield
+        return
+    with prof.phase(name):
+        yield
+
+
 class RoundProfiler:
     """Usage:
         prof = RoundProfiler(device)
@@ -67,6 +84,16 @@ class RoundProfiler:
             yield
         finally:
             self.spans[name].append((a, self.timer.mark()))
+
+    @contextlib.contextmanager
+    def activate(self):
+        """Make this the profiler that fastdg.profile.phase() reports to."""
+        global _active
+        prev, _active = _active, self
+        try:
+            yield self
+        finally:
+            _active = prev
 
     def step_done(self):
         self.steps.append(self.timer.mark())
