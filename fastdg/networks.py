@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def _norm(kind: str, channels: int, bin_separate_affine: bool = False, bin_rho_init: float = 1.0) -> nn.Module:
     if kind == "group":
         return nn.GroupNorm(8, channels)
     if kind == "batch":
@@ -16,24 +16,27 @@ def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "bin":
         from .nn import BatchInstanceNorm2d  # the fused BIN layer
 
-        return BatchInstanceNorm2d(channels)
+        return BatchInstanceNorm2d(channels, separate_affine=bin_separate_affine, rho_init=bin_rho_init)
     raise ValueError(f"norm must be 'group', 'batch' or 'bin', got {kind!r}")
 
 
 class MNISTCNN(nn.Module):
     """DomainBed's MNIST_CNN: four 3x3 convs (64, 128, 128, 128; the second strided), each
     followed by ReLU and a normalisation (GroupNorm(8) as DomainBed; BatchNorm or BIN on
-    request), then global average pooling to a 128-d feature."""
+    request; BIN with separate BN/IN affine parameters (MetaBIN "ver2") when
+    bin_separate_affine, rho initialised to bin_rho_init), then global average pooling to a
+    128-d feature."""
 
     n_outputs = 128
 
-    def __init__(self, input_shape, norm: str = "group"):
+    def __init__(self, input_shape, norm: str = "group", bin_separate_affine: bool = False,
+                 bin_rho_init: float = 1.0):
         super().__init__()
         c = input_shape[0]
         widths = [(c, 64, 1), (64, 128, 2), (128, 128, 1), (128, 128, 1)]
         layers = []
         for cin, cout, stride in widths:
-            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True), _norm(norm, cout)]
+            layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True), _norm(norm, cout, bin_separate_affine, bin_rho_init)]
         self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
 
@@ -46,10 +49,11 @@ class MNISTCNN(nn.Module):
 
 class ResNet(nn.Module):
     """torchvision ResNet-18/50 as a featurizer (the final fc removed), optionally with every
-    BatchNorm2d converted to BIN. `weights` is a local state_dict path or None."""
+    BatchNorm2d converted to BIN (separate BN/IN affine when bin_separate_affine, rho starting
+    at bin_rho_init). `weights` is a local state_dict path or None."""
 
     def __init__(self, input_shape, depth: int = 50, weights: str | None = None, bin: bool = False,
-                 freeze_bn: bool = False):
+                 freeze_bn: bool = False, bin_separate_affine: bool = False, bin_rho_init: float = 1.0):
         super().__init__()
         try:
             import torchvision
@@ -68,7 +72,7 @@ class ResNet(nn.Module):
         if bin:
             from .nn import convert_bin
 
-            net = convert_bin(net)
+            net = convert_bin(net, separate_affine=bin_separate_affine, rho_init=bin_rho_init)
         self.net = net
         self.freeze_bn = freeze_bn
 
@@ -90,8 +94,13 @@ class ResNet(nn.Module):
 
 
 def featurizer(input_shape, hparams) -> nn.Module:
-    """MNISTCNN for small inputs (<= 32 px), ResNet otherwise (DomainBed's rule)."""
+    """MNISTCNN for small inputs (<= 32 px), ResNet otherwise (DomainBed's rule).
+    BIN options (used when norm == "bin"): bin_separate_affine (default False: the original
+    shared-affine BIN; True: MetaBIN's separate BN/IN affine) and bin_rho_init (default 1.0)."""
+    sep = bool(hparams.get("bin_separate_affine", False))
+    rho0 = float(hparams.get("bin_rho_init", 1.0))
     if input_shape[1] <= 32:
-        return MNISTCNN(input_shape, norm=hparams.get("norm", "group"))
+        return MNISTCNN(input_shape, norm=hparams.get("norm", "group"), bin_separate_affine=sep, bin_rho_init=rho0)
     return ResNet(input_shape, depth=hparams.get("resnet_depth", 50), weights=hparams.get("pretrained_path"),
-                  bin=hparams.get("norm") == "bin", freeze_bn=hparams.get("freeze_bn", True))
+                  bin=hparams.get("norm") == "bin", freeze_bn=hparams.get("freeze_bn", True),
+                  bin_separate_affine=sep, bin_rho_init=rho0)

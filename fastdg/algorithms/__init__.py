@@ -5,12 +5,13 @@
 """
 from .base import ERM, Algorithm, default_hparams
 from .group_dro import GroupDRO
+from .metabin import MetaBIN
 from .mldg import MLDG
 from .penalties import IRM, VREx
 from .sagnet import SagNet
 from .seed_categories import SeedCategories
 
-ALGORITHMS = {cls.__name__: cls for cls in (ERM, GroupDRO, SeedCategories, IRM, VREx, MLDG, SagNet)}
+ALGORITHMS = {cls.__name__: cls for cls in (ERM, GroupDRO, SeedCategories, IRM, VREx, MLDG, SagNet, MetaBIN)}
 
 
 def get_algorithm(name: str):
