@@ -10,8 +10,10 @@ from .mldg import MLDG
 from .penalties import IRM, VREx
 from .sagnet import SagNet
 from .seed_categories import SeedCategories
+from .self_balanced import SelfBalanced
 
-ALGORITHMS = {cls.__name__: cls for cls in (ERM, GroupDRO, SeedCategories, IRM, VREx, MLDG, SagNet, MetaBIN)}
+ALGORITHMS = {cls.__name__: cls for cls in (ERM, GroupDRO, SeedCategories, IRM, VREx, MLDG, SagNet, MetaBIN,
+                                            SelfBalanced)}
 
 
 def get_algorithm(name: str):
