@@ -148,6 +148,11 @@ class MetaBIN(Algorithm):
         order = self.hparams["metabin_order"] if order is None else order
         if num_domains is None:
             num_domains = int(d_tr.max()) + 1
+        if order == 2:
+            return self._rho_meta_gradient_eager(x_tr, y_tr, d_tr, x_te, y_te, order, num_domains)
+        return self._rho_meta_gradient(x_tr, y_tr, d_tr, x_te, y_te, order, num_domains)
+
+    def _rho_meta_gradient(self, x_tr, y_tr, d_tr, x_te, y_te, order, num_domains):
         rhos, alpha = self.rho_params(), self.inner_lr
         with hold_running_stats(self.featurizer):
             with phase("forward"):
@@ -164,6 +169,10 @@ class MetaBIN(Algorithm):
             with phase("backward"):
                 meta_grads = torch.autograd.grad(l_mte, rhos)
         return meta_grads, l_mtr.detach(), l_mte.detach()
+
+    # Second order runs eagerly under torch.compile: AOT-compiled backward graphs donate their
+    # buffers and refuse create_graph=True.
+    _rho_meta_gradient_eager = torch.compiler.disable(_rho_meta_gradient)
 
     # ---- the two stages -----------------------------------------------------------------
 

@@ -100,6 +100,9 @@ class SelfBalanced(ERM):
         n_cells = (n_sel > 0).sum().to(dt)
         return sel / (n_sel[cell].clamp(min=1.0) * n_cells)
 
+    # Runs eagerly under torch.compile: AOT-compiled backward graphs donate their buffers and
+    # refuse create_graph=True (the second-order step).
+    @torch.compiler.disable
     def meta_gradient(self, x, y, d, m):
         """Steps 1-2: returns (dL_meta/dphi aligned with weight_net.parameters(), per-sample
         losses l (graph kept for step 4), weights w (detached), L_meta (detached))."""
