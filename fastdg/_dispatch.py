@@ -170,3 +170,28 @@ def compiled_reason(op: str, *tensors) -> str | None:
             return "fastdg._C was built without CUDA kernels"
         return f"fastdg._C has no {key} kernel for {op}"
     return None
+
+
+# ---- candidate checks shared by the ops (each takes the op's first tensor argument) -------
+
+def compiled_check(kernel_op: str, device_type: str) -> Check:
+    """A check accepting tensors on `device_type` when fastdg._C has a kernel for `kernel_op` there."""
+    what = {"cpu": "C++ CPU", "cuda": "CUDA"}[device_type]
+
+    def check(t, *_):
+        if t.device.type != device_type:
+            return f"input is on {t.device}, not on a {device_type.upper()} device (the {what} kernels take those)"
+        return compiled_reason(kernel_op, t)
+    return check
+
+
+def triton_check(t, *_) -> str | None:
+    """Triton kernels take fp32, fp16 and bf16 on a GPU (or on the CPU interpreter when forced)."""
+    if t.dtype == torch.float64:
+        return "float64 input (the Triton kernels take fp32, fp16 and bf16)"
+    return triton_device_reason(t)
+
+
+def always(*_) -> None:
+    """The reference backend takes every input."""
+    return None

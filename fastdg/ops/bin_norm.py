@@ -94,31 +94,10 @@ def _kernels(backend):
 
 # ---- backend choice ----------------------------------------------------------------------
 
-def _check_cuda(x, *_):
-    if not x.is_cuda:
-        return "input is not on a CUDA device"
-    return _dispatch.compiled_reason("bin_stats", x)
-
-
-def _check_cpp(x, *_):
-    if x.device.type != "cpu":
-        return f"input is on {x.device} (C++ CPU kernels take CPU tensors)"
-    return _dispatch.compiled_reason("bin_stats", x)
-
-
-def _check_triton(x, *_):
-    if x.dtype == torch.float64:
-        return "float64 input (the Triton kernels take fp32, fp16 and bf16)"
-    return _dispatch.triton_device_reason(x)
-
-
-def _check_reference(*_):
-    return None
-
-
 # cpp before triton: on CUDA tensors cpp declines, and on CPU tensors the Triton interpreter
 # (TRITON_INTERPRET=1, for tests) must not win over the compiled CPU kernels.
-CANDIDATES = [("cuda", _check_cuda), ("cpp", _check_cpp), ("triton", _check_triton), ("reference", _check_reference)]
+CANDIDATES = [("cuda", _dispatch.compiled_check("bin_stats", "cuda")), ("cpp", _dispatch.compiled_check("bin_stats", "cpu")),
+              ("triton", _dispatch.triton_check), ("reference", _dispatch.always)]
 
 
 # ---- the fused autograd function ---------------------------------------------------------

@@ -94,20 +94,9 @@ def _kernels(backend):
     raise ValueError(backend)
 
 
-def _check_cpp(input, *_):
-    if input.device.type != "cpu":
-        return f"input is on {input.device} (C++ CPU kernels take CPU tensors)"
-    return _dispatch.compiled_reason("group_loss_stats", input)
-
-
-def _check_triton(input, *_):
-    if input.dtype == torch.float64:
-        return "float64 input (the Triton kernels take fp32, fp16 and bf16)"
-    return _dispatch.triton_device_reason(input)
-
-
 # cpp first: it declines CUDA tensors, and on CPU tensors it must beat the Triton interpreter.
-CANDIDATES = [("cpp", _check_cpp), ("triton", _check_triton), ("reference", lambda *_: None)]
+CANDIDATES = [("cpp", _dispatch.compiled_check("group_loss_stats", "cpu")), ("triton", _dispatch.triton_check),
+              ("reference", _dispatch.always)]
 
 
 def _scale(grad, q_new, counts):

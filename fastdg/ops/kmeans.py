@@ -53,19 +53,8 @@ class _CompiledKernels:
         return torch.ops.fastdg.kmeans_dist(x, centers, offsets)
 
 
-def _check_cuda(x, *_):
-    if not x.is_cuda:
-        return f"x is on {x.device} (the CUDA kernels take CUDA tensors)"
-    return _dispatch.compiled_reason("kmeans_step", x)
-
-
-def _check_cpp(x, *_):
-    if x.device.type != "cpu":
-        return f"x is on {x.device} (the C++ CPU kernels take CPU tensors)"
-    return _dispatch.compiled_reason("kmeans_step", x)
-
-
-CANDIDATES = [("cuda", _check_cuda), ("cpp", _check_cpp), ("reference", lambda *_: None)]
+CANDIDATES = [("cuda", _dispatch.compiled_check("kmeans_step", "cuda")),
+              ("cpp", _dispatch.compiled_check("kmeans_step", "cpu")), ("reference", _dispatch.always)]
 
 
 def _kernels(backend):
