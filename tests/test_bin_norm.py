@@ -185,3 +185,27 @@ def test_bad_inputs_name_the_argument():
         bin_norm(x[:1, :, :1, :1], **p, running_mean=rm.float(), running_var=rv.float())
     with pytest.raises(TypeError, match="rho must be a torch.Tensor"):
         bin_norm(x, p["weight"], p["bias"], None)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(8, 64, 28, 28), (4, 8, 56, 56)])
+def test_fp32_gradients_as_accurate_as_reference_when_statistics_agree(shape):
+    """When every sample of a channel has about the batch's statistics, xb ~ xi and rho's
+    gradient is a small difference of large sums: the fused algebra and the kernels' sums must
+    stay within 2x of the error the reference itself makes in fp32."""
+    g = torch.Generator().manual_seed(1)
+    C = shape[1]
+    x = torch.randn(shape, generator=g, dtype=torch.float64) + torch.randn(1, C, 1, 1, generator=g,
+                                                                            dtype=torch.float64) * 3
+    params = [torch.rand(C, generator=g, dtype=torch.float64) + 0.5, torch.randn(C, generator=g, dtype=torch.float64),
+              torch.rand(C, generator=g, dtype=torch.float64)]
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def grads(backend, dtype):
+        ins = [t.to(dtype).requires_grad_() for t in [x] + params]
+        return torch.autograd.grad(bin_norm(*ins, mode="hold", backend=backend), ins, dy.to(dtype))
+
+    truth = grads("reference", torch.float64)
+    ref32, cpp32 = grads("reference", torch.float32), grads("cpp", torch.float32)
+    for name, t, r, c in zip(["x", "weight", "bias", "rho"], truth, ref32, cpp32):
+        assert rel(c, t) <= 2 * rel(r, t) + 1e-7, (name, rel(c, t), rel(r, t))
