@@ -66,7 +66,30 @@ def choose(op: str, candidates: list[tuple[str, Check]], backend: str | None, *a
     return _choose_eager(op, candidates, backend, *args, **kwargs)
 
 
+# Every check reads only the device and dtype of the op's first tensor and process-wide state
+# that does not change once the extension is loaded, apart from these variables: a choice is
+# cached per (op, candidates, backend argument, variables, device, dtype).
+_CACHE_ENV = ("FASTDG_BACKEND", "TRITON_INTERPRET")
+_cache: dict = {}
+
+
 def _choose_eager(op, candidates, backend, *args, **kwargs) -> Choice:
+    t = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    key = None
+    if t is not None and not kwargs:
+        key = (op, tuple(name for name, _ in candidates), backend, tuple(os.environ.get(v) for v in _CACHE_ENV),
+               t.device, t.dtype)
+        hit = _cache.get(key)
+        if hit is not None:
+            _last[op] = hit
+            return hit
+    choice = _choose_uncached(op, candidates, backend, *args, **kwargs)
+    if key is not None:
+        _cache[key] = choice
+    return choice
+
+
+def _choose_uncached(op, candidates, backend, *args, **kwargs) -> Choice:
     want = forced_backend(op, backend)
     names = [name for name, _ in candidates]
     if want is not None and want not in names:
