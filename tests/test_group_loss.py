@@ -151,3 +151,81 @@ def test_bad_inputs():
         group_loss(z, None, grp, q)
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         group_loss(z, y, grp, q, label_smoothing=1.5)
+
+
+# ---- the C++ float path: 8-wide loops with a polynomial exp -----------------------------------
+
+def _float_path_case(K, dtype, seed=5, extreme=False, smoothing=False):
+    g = torch.Generator().manual_seed(seed)
+    n, G = 37, 4
+    z = torch.randn(n, K, generator=g, dtype=torch.float64) * 4
+    y = torch.randint(0, K, (n,), generator=g)
+    if extreme:  # far below the row max (exp underflows to 0) and a masked -inf logit
+        z[:, ::3] -= 120.0
+        if K > 1 and not smoothing:  # smoothing puts target mass on it: the loss is then +inf
+            z[0, K - 1] = float("-inf")
+            y[0] = 0
+    grp = torch.randint(0, G, (n,), generator=g)
+    return z.to(dtype), y, grp, G
+
+
+def _rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check_float_kernels(K, dtype, ls, extreme):
+    """C++ kernels vs TorchKernels in float64: within 2x of the error TorchKernels itself makes in
+    float32 (rows widened from half are exact in float32), and no element far off."""
+    z, y, grp, G = _float_path_case(K, dtype, extreme=extreme, smoothing=ls > 0)
+    zd, zf = z.double(), z.float()
+    losses, lse, sums, counts = torch.ops.fastdg.group_loss_stats(z, y, grp, G, ls)
+    r64 = TorchKernels.stats(zd, y, grp, G, ls)
+    r32 = TorchKernels.stats(zf, y, grp, G, ls)
+    for got, ref, low in zip((losses, lse, sums), r64[:3], r32[:3]):
+        assert torch.isfinite(got).all()
+        assert _rel(got, ref) <= 2 * _rel(low, ref) + 1e-7
+    torch.testing.assert_close(counts.double(), r64[3])
+    scale = torch.rand(G, generator=torch.Generator().manual_seed(1)) + 0.5
+    grad = torch.ops.fastdg.group_loss_bwd(z, y, grp, lse, scale, ls)
+    ref = TorchKernels.bwd(zd, y, grp, r64[1], scale.double(), ls)
+    low = TorchKernels.bwd(zf, y, grp, r32[1], scale, ls).to(dtype)
+    assert grad.dtype == z.dtype and torch.isfinite(grad).all()
+    assert _rel(grad, ref) <= 2 * _rel(low, ref) + 1e-7
+    err = (grad.double() - ref).abs()
+    bound = 2 * (low.double() - ref).abs().max() + 1e-6
+    assert (err <= bound).all(), (err.max().item(), bound.item())
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+@pytest.mark.parametrize("K", [1, 7, 8, 9, 65, 1000])
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("extreme", [False, True])
+def test_cpp_float_path_matches_float64(K, ls, extreme):
+    if ls and K == 1:
+        pytest.skip("label smoothing needs two classes")
+    _check_float_kernels(K, torch.float32, ls, extreme)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_float_path_half_rows(dtype):
+    _check_float_kernels(65, dtype, 0.1, False)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+def test_cpp_float_path_baseline_isa_loops():
+    """The non-AVX2 build of the row loops (what a CPU without AVX2 runs), in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, fastdg._ext as e; e.load()\n"
+            "from tests.test_group_loss import _check_float_kernels\n"
+            "for K in (7, 9, 65, 1000):\n"
+            "    for extreme in (False, True):\n"
+            "        _check_float_kernels(K, torch.float32, 0.1, extreme)\n"
+            "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, FASTDG_CPU_BASELINE="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
