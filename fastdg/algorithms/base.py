@@ -7,6 +7,8 @@
 Unlike DomainBed, `update` returns its statistics as detached tensors, never Python floats:
 reading them is the caller's choice, so a training step forces no host synchronisation.
 Hyper-parameters: every algorithm lists its own with defaults; an unknown name is an error.
+Profiling: updates mark their "forward", "backward" and "optimizer" parts with
+fastdg.profile.phase (a no-op unless a RoundProfiler is active; no synchronisation).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..networks import featurizer
+from ..profile import phase
 
 COMMON_HPARAMS = {
     "lr": 1e-3,
@@ -56,6 +59,11 @@ class Algorithm(nn.Module):
         self.num_domains = num_domains
         self.hparams = resolve_hparams(type(self), hparams)
 
+    @classmethod
+    def check_hparams(cls, hparams: dict) -> None:
+        """Raise ValueError for a hyper-parameter value the algorithm cannot use (called by the
+        trainer before any work, and by subclasses' constructors)."""
+
     def update(self, minibatches, unlabeled=None) -> dict:
         raise NotImplementedError
 
@@ -94,14 +102,17 @@ class ERM(Algorithm):
         return torch.optim.Adam(params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"])
 
     def step(self, loss):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        with phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase("optimizer"):
+            self.optimizer.step()
 
     def update(self, minibatches, unlabeled=None):
-        x = torch.cat([x for x, _ in minibatches])
-        y = torch.cat([y for _, y in minibatches])
-        loss = F.cross_entropy(self.predict(x), y)
+        with phase("forward"):
+            x = torch.cat([x for x, _ in minibatches])
+            y = torch.cat([y for _, y in minibatches])
+            loss = F.cross_entropy(self.predict(x), y)
         self.step(loss)
         return {"loss": loss.detach()}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import group_loss
+from ..profile import phase
 from .base import ERM, domain_ids
 
 
@@ -21,11 +22,12 @@ class GroupDRO(ERM):
         self.register_buffer("q", torch.full((num_domains,), 1.0 / num_domains))
 
     def robust_step(self, minibatches, group, q):
-        x = torch.cat([x for x, _ in minibatches])
-        y = torch.cat([y for _, y in minibatches])
-        out = group_loss(self.predict(x), y, group, q, eta=self.hparams["groupdro_eta"], check_inputs=False)
+        with phase("forward"):
+            x = torch.cat([x for x, _ in minibatches]) if len(minibatches) > 1 else minibatches[0][0]
+            y = torch.cat([y for _, y in minibatches]) if len(minibatches) > 1 else minibatches[0][1]
+            out = group_loss(self.predict(x), y, group, q, eta=self.hparams["groupdro_eta"], check_inputs=False)
+            q.copy_(out.q)  # the q update is part of the loss (it uses the updated q)
         self.step(out.loss)
-        q.copy_(out.q)
         return {"loss": out.loss.detach(), "group_loss": out.group_loss}
 
     def update(self, minibatches, unlabeled=None):

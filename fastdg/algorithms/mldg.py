@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ..profile import phase
 from .base import ERM
 
 
@@ -30,18 +31,25 @@ class MLDG(ERM):
             i, j = perm[a], perm[(a + 1) % n]
             xi, yi = minibatches[i]
             xj, yj = minibatches[j]
-            loss_i = F.cross_entropy(self.network(xi), yi)
-            gi = torch.autograd.grad(loss_i, params)
-            fast = {k: (p - inner_lr * g).detach().requires_grad_() for k, p, g in zip(names, params, gi)}
-            loss_j = F.cross_entropy(functional_call(self.network, fast, (xj,)), yj)
-            gj = torch.autograd.grad(loss_j, list(fast.values()))
-            for acc, g1, g2 in zip(grads, gi, gj):
-                acc.add_(g1 / n).add_(g2, alpha=beta / n)
+            with phase("forward"):
+                loss_i = F.cross_entropy(self.network(xi), yi)
+            with phase("backward"):
+                gi = torch.autograd.grad(loss_i, params)
+            with phase("optimizer"):  # the virtual (inner) SGD step
+                fast = {k: (p - inner_lr * g).detach().requires_grad_() for k, p, g in zip(names, params, gi)}
+            with phase("forward"):
+                loss_j = F.cross_entropy(functional_call(self.network, fast, (xj,)), yj)
+            with phase("backward"):
+                gj = torch.autograd.grad(loss_j, list(fast.values()))
+            with phase("optimizer"):
+                for acc, g1, g2 in zip(grads, gi, gj):
+                    acc.add_(g1 / n).add_(g2, alpha=beta / n)
             total = total + (loss_i.detach() + beta * loss_j.detach()) / n
-        self.optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.optimizer.step()
+        with phase("optimizer"):
+            self.optimizer.zero_grad(set_to_none=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.optimizer.step()
         return {"loss": total}
 
     def extra_checkpoint_state(self):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..profile import phase
 from .base import ERM
 
 
@@ -22,16 +23,18 @@ class _Penalised(ERM):
     def update(self, minibatches, unlabeled=None):
         anneal = self.hparams[f"{self.penalty_name}_penalty_anneal_iters"]
         weight = self.hparams[f"{self.penalty_name}_lambda"] if self.steps_done >= anneal else 1.0
-        sizes = [len(y) for _, y in minibatches]
-        ys = [y for _, y in minibatches]
-        parts = torch.split(self.predict(torch.cat([x for x, _ in minibatches])), sizes)
-        nll = torch.stack([F.cross_entropy(p, y) for p, y in zip(parts, ys)]).mean()
-        pen = self.penalty(parts, ys)
-        loss = nll + weight * pen
+        with phase("forward"):
+            sizes = [len(y) for _, y in minibatches]
+            ys = [y for _, y in minibatches]
+            parts = torch.split(self.predict(torch.cat([x for x, _ in minibatches])), sizes)
+            nll = torch.stack([F.cross_entropy(p, y) for p, y in zip(parts, ys)]).mean()
+            pen = self.penalty(parts, ys)  # IRM's penalty differentiates (create_graph) inside the forward
+            loss = nll + weight * pen
+            if weight > 1.0:
+                loss = loss / weight  # DomainBed's rescaling keeps the gradient scale of the nll
         if self.steps_done == anneal:
-            self.optimizer = self.make_optimizer(self.network.parameters())
-        if weight > 1.0:
-            loss = loss / weight  # DomainBed's rescaling keeps the gradient scale of the nll
+            with phase("optimizer"):
+                self.optimizer = self.make_optimizer(self.network.parameters())
         self.step(loss)
         self.steps_done += 1
         return {"loss": loss.detach(), "nll": nll.detach(), "penalty": pen.detach()}

@@ -13,6 +13,7 @@ from torch import nn
 
 from .base import Algorithm, classifier
 from ..networks import featurizer
+from ..profile import phase
 
 
 def _moments(x, eps):
@@ -67,28 +68,37 @@ class SagNet(Algorithm):
         perm, alpha = randomness if randomness is not None else self.draw(len(y), y.device)
         eps = self.hparams["sag_eps"]
         # content-biased branch: trains featurizer and content classifier
-        self.opt_f.zero_grad(set_to_none=True)
-        self.opt_c.zero_grad(set_to_none=True)
-        loss_c = F.cross_entropy(self._head(self.classifier_c, style_randomize(self.featurizer.feature_maps(x),
-                                                                               perm, alpha, eps)), y)
-        loss_c.backward()
-        self.opt_f.step()
-        self.opt_c.step()
+        with phase("forward"):
+            loss_c = F.cross_entropy(self._head(self.classifier_c, style_randomize(self.featurizer.feature_maps(x),
+                                                                                   perm, alpha, eps)), y)
+        with phase("backward"):
+            self.opt_f.zero_grad(set_to_none=True)
+            self.opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+        with phase("optimizer"):
+            self.opt_f.step()
+            self.opt_c.step()
         # style-biased branch: trains the style classifier only
-        self.opt_s.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            maps = self.featurizer.feature_maps(x)
-        loss_s = F.cross_entropy(self._head(self.classifier_s, content_randomize(maps, perm, eps)), y)
-        loss_s.backward()
-        self.opt_s.step()
+        with phase("forward"):
+            with torch.no_grad():
+                maps = self.featurizer.feature_maps(x)
+            loss_s = F.cross_entropy(self._head(self.classifier_s, content_randomize(maps, perm, eps)), y)
+        with phase("backward"):
+            self.opt_s.zero_grad(set_to_none=True)
+            loss_s.backward()
+        with phase("optimizer"):
+            self.opt_s.step()
         # adversarial: the featurizer makes the style classifier uncertain
-        self.opt_f.zero_grad(set_to_none=True)
-        probs = F.softmax(self._head(self.classifier_s, content_randomize(self.featurizer.feature_maps(x),
-                                                                          perm, eps)), 1)
-        loss_adv = -self.hparams["sag_w_adv"] * torch.log(probs + 1e-5).mean()
-        loss_adv.backward()
-        torch.nn.utils.clip_grad_norm_(self.featurizer.parameters(), self.hparams["sag_clip_adv"])
-        self.opt_f.step()
+        with phase("forward"):
+            probs = F.softmax(self._head(self.classifier_s, content_randomize(self.featurizer.feature_maps(x),
+                                                                              perm, eps)), 1)
+            loss_adv = -self.hparams["sag_w_adv"] * torch.log(probs + 1e-5).mean()
+        with phase("backward"):
+            self.opt_f.zero_grad(set_to_none=True)
+            loss_adv.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.featurizer.parameters(), self.hparams["sag_clip_adv"])
+            self.opt_f.step()
         return {"loss": loss_c.detach(), "loss_s": loss_s.detach(), "loss_adv": loss_adv.detach()}
 
     def predict(self, x):

@@ -3,14 +3,21 @@
 Every `seed_t0` steps the training pool of each domain is split into K seed categories, by
 per-sample loss ranking (quantile bins, the paper's default) or by k-means on the features,
 and the weights q over categories are reset to 1/|C|. Each step the trainer draws
-`per_category` samples from every category (it asks `sample_categories`), and the robust
-loss sum_c q_c L_c is minimised with q updated exactly as GroupDRO's (eta = 0.01), fused.
+`per_category` samples from every category (fastdg.data.DomainStreams in category mode, for
+tensor and image data sets alike), and the robust loss sum_c q_c L_c is minimised with q
+updated exactly as GroupDRO's (eta = 0.01), fused.
+
+The pool statistics (per-sample loss, features for k-means) come from an eval-mode forward
+pass over the pool: `pool_statistics` on each batch, then `assign_categories`. The trainer
+takes them from the evaluation pass it runs anyway when a re-distribution falls on an
+evaluation step, so most re-distributions cost no extra pass over the data.
 """
 from __future__ import annotations
 
 import torch
 
 from ..ops import seed_assign_by_loss
+from ..profile import phase
 from .group_dro import GroupDRO
 
 
@@ -23,10 +30,18 @@ class SeedCategories(GroupDRO):
     }
     samples_by_category = True
 
+    @classmethod
+    def check_hparams(cls, hparams):
+        if hparams["seed_method"] not in ("loss_rank", "kmeans"):
+            raise ValueError(f"seed_method must be 'loss_rank' or 'kmeans', got {hparams['seed_method']!r}")
+        for name in ("seed_k", "seed_t0"):
+            v = hparams[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)
-        if self.hparams["seed_method"] not in ("loss_rank", "kmeans"):
-            raise ValueError(f"seed_method must be 'loss_rank' or 'kmeans', got {self.hparams['seed_method']!r}")
+        self.check_hparams(self.hparams)
         groups = num_domains * (num_classes if self.hparams["seed_per_class"] else 1)
         self.num_categories = groups * self.hparams["seed_k"]
         self.register_buffer("q", torch.full((self.num_categories,), 1.0 / self.num_categories))
@@ -39,34 +54,57 @@ class SeedCategories(GroupDRO):
     def due(self, step: int) -> bool:
         return self.categories.numel() == 0 or step % self.hparams["seed_t0"] == 0
 
+    @property
+    def needs_features(self) -> bool:
+        return self.hparams["seed_method"] == "kmeans"
+
+    @torch.no_grad()
+    def pool_statistics(self, x, y):
+        """One eval-mode batch of the pool: (logits (b, classes), per-sample loss (b,) float32,
+        features (b, d) or None when the method does not use them)."""
+        f = self.featurizer(x)
+        logits = self.classifier(f)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        return logits, loss, (f.float() if self.needs_features else None)
+
+    @torch.no_grad()
+    def assign_categories(self, losses, feats, y, domain):
+        """Categories from the statistics of the whole pool (concatenated training subsets):
+        losses (N,), feats (N, d) or None, y (N,), domain (N,) int64. Resets q to 1/|C|."""
+        with phase("assign"):
+            k = self.hparams["seed_k"]
+            classes = y if self.hparams["seed_per_class"] else None
+            ncls = self.num_classes if classes is not None else None
+            if self.hparams["seed_method"] == "loss_rank":
+                cats = seed_assign_by_loss(losses, domain, k, classes=classes, num_classes=ncls)
+            else:
+                from ..cluster import seed_categories  # batched k-means per domain (x class)
+
+                cats = seed_categories("kmeans", embeddings=feats, domain=domain, classes=classes, k=k,
+                                       seed=int(self.q.numel()))
+            self.categories = cats
+            self.q.fill_(1.0 / self.num_categories)
+        return cats
+
     @torch.no_grad()
     def recompute_categories(self, x, y, domain, chunk=1024):
         """Assign every pool sample (x, y, domain: the concatenated training subsets) a category."""
         was_training = self.training
         self.eval()
         losses, feats = [], []
-        for s in range(0, len(y), chunk):
-            f = self.featurizer(x[s:s + chunk])
-            feats.append(f)
-            losses.append(torch.nn.functional.cross_entropy(self.classifier(f), y[s:s + chunk], reduction="none"))
+        with phase("forward"):
+            for s in range(0, len(y), chunk):
+                _, loss, f = self.pool_statistics(x[s:s + chunk], y[s:s + chunk])
+                losses.append(loss)
+                feats.append(f)
         self.train(was_training)
-        k = self.hparams["seed_k"]
-        classes = y if self.hparams["seed_per_class"] else None
-        ncls = self.num_classes if classes is not None else None
-        if self.hparams["seed_method"] == "loss_rank":
-            cats = seed_assign_by_loss(torch.cat(losses), domain, k, classes=classes, num_classes=ncls)
-        else:
-            from ..cluster import seed_categories  # batched k-means per domain (x class)
-
-            cats = seed_categories("kmeans", embeddings=torch.cat(feats), domain=domain, classes=classes, k=k,
-                                   seed=int(self.q.numel()))
-        self.categories = cats
-        self.q.fill_(1.0 / self.num_categories)
-        return cats
+        return self.assign_categories(torch.cat(losses), torch.cat(feats) if self.needs_features else None, y, domain)
 
     def sample_categories(self, generator):
         """Pool indices: `per_category` drawn uniformly (with replacement) from every category.
-        Returns (indices (|C| * B,), category of each). On the pool's device, no host sync."""
+        Returns (indices (|C| * B,), category of each). On the pool's device, no host sync.
+        (A sampler for a pool held in memory; the trainer uses DomainStreams' category mode,
+        which draws without replacement within a step.)"""
         cats = self.categories
         B = self.per_category()
         order = torch.argsort(cats, stable=True)
