@@ -1,14 +1,23 @@
 """The `fastdg` command.
 
     fastdg train [--dataset RotatedDigits] [--algorithm ERM GroupDRO] [--test-envs all|0 1 ..]
-                 [--steps N] [--hparams JSON] --output-dir DIR
-    fastdg report DIR
+                 [--leave-one-out] [--steps N] [--hparams JSON] [--progress auto|bar|lines|none]
+                 --output-dir DIR
+    fastdg report DIR [--plots]
     fastdg info
 
 `fastdg train` with no other arguments runs the main job: leave-one-domain-out training of ERM
 and GroupDRO on RotatedDigits (scikit-learn's bundled digits in six rotation domains, so it
-needs no download), printing per-domain accuracy, time per round and peak memory, and writing
-DIR/summary.json beside one run directory per (algorithm, test environment).
+needs no download), printing per-domain accuracy under DomainBed's model selection methods,
+time per round, peak memory and the phase breakdown, and writing DIR/summary.json beside one
+run directory per (algorithm, test environments): DIR/<algorithm>/test<e>[_<v>].
+
+Every error that can be found before training (unknown algorithm, data set or
+hyper-parameter, a bad value, a test environment that does not exist, an output directory
+holding another run) stops the command before any run starts. Progress goes to stderr (a
+redrawn bar on a terminal, one line per evaluation otherwise); tables go to stdout.
+--leave-one-out also trains the runs that hold out one more training domain, which DomainBed's
+leave-one-domain-out cross-validation needs (N(N-1)/2 more runs for --test-envs all).
 """
 from __future__ import annotations
 
@@ -40,6 +49,9 @@ def build_parser():
     t.add_argument("--algorithm", nargs="+", default=["ERM", "GroupDRO"])
     t.add_argument("--test-envs", nargs="+", default=["all"],
                    help="'all' (each environment in turn) or the indices held out together")
+    t.add_argument("--leave-one-out", action="store_true",
+                   help="also train the runs holding out one more training domain (for leave-one-domain-out "
+                        "cross-validation)")
     t.add_argument("--steps", type=int, default=60)
     t.add_argument("--checkpoint-freq", type=int, default=30)
     t.add_argument("--hparams", default="{}", help="JSON object of hyper-parameters")
@@ -51,20 +63,46 @@ def build_parser():
     t.add_argument("--channels-last", action="store_true")
     t.add_argument("--compile", action="store_true", help="torch.compile the update step")
     t.add_argument("--deterministic", action="store_true")
+    t.add_argument("--image-size", type=int, default=224, help="image data sets: network input side")
+    t.add_argument("--num-workers", type=int, default=None, help="image data sets: loader worker processes")
     t.add_argument("--profile-trace", default=None, help="write a torch.profiler trace to this path")
+    t.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                   help="stderr progress: a bar on a terminal, lines otherwise (auto)")
     t.add_argument("--output-dir", default="runs/fastdg")
 
-    r = sub.add_parser("report", help="markdown table (and plots) of the runs under a directory")
+    r = sub.add_parser("report", help="markdown tables (and plots) of the runs under a directory")
     r.add_argument("dir")
-    r.add_argument("--plots", action="store_true", help="also write accuracy and loss plots (matplotlib)")
+    r.add_argument("--plots", action="store_true", help="also write accuracy, loss and phase plots (matplotlib)")
 
     sub.add_parser("info", help="which backends work here (python -m fastdg.info)")
     return p
 
 
+def env_sets(envs, n_env, leave_one_out):
+    """The test-environment tuples to train: each environment alone for 'all', else the given
+    set; with leave_one_out also every pair {t, v} that leave-one-domain-out needs."""
+    singles = [(i,) for i in range(n_env)] if envs == "all" else [tuple(envs)]
+    if not leave_one_out:
+        return singles
+    if envs != "all" and len(envs) != 1:
+        raise ValueError("--leave-one-out needs --test-envs all or a single test environment")
+    pairs = []
+    for (t,) in singles:
+        for v in range(n_env):
+            pair = tuple(sorted((t, v)))
+            if v != t and pair not in pairs:
+                pairs.append(pair)
+    return singles + pairs
+
+
+def run_dir(output_dir, cfg):
+    return os.path.join(output_dir, cfg.algorithm, "test" + "_".join(map(str, cfg.test_envs)))
+
+
 def cmd_train(args) -> int:
     from . import data as fdata
-    from .train import RunConfig, Trainer, check_config
+    from .report import load_records, runs_table, selection_results, selection_tables
+    from .train import RunConfig, Trainer, check_config, check_run_dir
 
     try:
         hparams = json.loads(args.hparams)
@@ -74,64 +112,55 @@ def cmd_train(args) -> int:
         raise SystemExit("fastdg: --hparams must be a JSON object")
     envs = _parse_envs(args.test_envs)
     try:
+        if os.path.exists(os.path.join(args.output_dir, "run.json")):
+            raise ValueError(f"output directory {args.output_dir} holds a single run (run.json); "
+                             "choose another --output-dir")
+        for alg in args.algorithm:  # names and hyper-parameters before loading any data
+            check_config(RunConfig(algorithm=alg, hparams=hparams, steps=args.steps,
+                                   checkpoint_freq=args.checkpoint_freq, holdout_fraction=args.holdout_fraction,
+                                   image_size=args.image_size, num_workers=args.num_workers, device=args.device))
         dataset = fdata.get_dataset(args.dataset, args.data_dir, seed=args.seed)
-        env_sets = [(i,) for i in range(len(dataset.environments))] if envs == "all" else [tuple(envs)]
+        sets = env_sets(envs, len(dataset.environments), args.leave_one_out)
         configs = []
         for alg in args.algorithm:
-            for env_set in env_sets:
+            for env_set in sets:
                 cfg = RunConfig(dataset=args.dataset, algorithm=alg, test_envs=env_set, data_dir=args.data_dir,
                                 steps=args.steps, hparams=hparams, seed=args.seed, trial_seed=args.trial_seed,
                                 holdout_fraction=args.holdout_fraction, checkpoint_freq=args.checkpoint_freq,
                                 device=args.device, bf16=args.bf16, channels_last=args.channels_last,
                                 compile=args.compile, deterministic=args.deterministic,
-                                profile_trace=args.profile_trace)
+                                profile_trace=args.profile_trace, image_size=args.image_size,
+                                num_workers=args.num_workers)
                 check_config(cfg, dataset)  # every error before any work
+                check_run_dir(run_dir(args.output_dir, cfg), cfg)
                 configs.append(cfg)
     except ValueError as exc:
         raise SystemExit(f"fastdg: {exc}") from None
 
     print(f"fastdg train: {args.dataset} ({len(dataset.environments)} environments: "
-          f"{', '.join(dataset.environments)}), algorithms {args.algorithm}, {args.steps} steps", file=sys.stderr)
-    summaries = []
-    for cfg in configs:
-        run_dir = os.path.join(args.output_dir, cfg.algorithm, "test" + "_".join(map(str, cfg.test_envs)))
+          f"{', '.join(dataset.environments)}), algorithms {args.algorithm}, {len(configs)} run(s) of "
+          f"{args.steps} steps", file=sys.stderr)
+    summaries, records = [], []
+    for k, cfg in enumerate(configs):
+        d = run_dir(args.output_dir, cfg)
+        print(f"run {k + 1}/{len(configs)}: {d}", file=sys.stderr)
         try:
-            trainer = Trainer(cfg, run_dir, dataset=dataset)
+            trainer = Trainer(cfg, d, dataset=dataset, progress=args.progress)
         except ValueError as exc:
             raise SystemExit(f"fastdg: {exc}") from None
-        summaries.append(trainer.run())
-    table = results_table(summaries, dataset.environments)
-    print(table)
+        s = trainer.run()
+        s["path"] = d
+        summaries.append(s)
+        records += load_records(d)
+    print(selection_tables(records, summaries))
+    print(runs_table(summaries))
+    selection = {m: [{"dataset": ds, "algorithm": a, "test_env": t, **cell} for (ds, a, t), cell in cells.items()]
+                 for m, cells in selection_results(records).items()}
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({"dataset": args.dataset, "runs": summaries}, f, indent=1)
+        json.dump({"dataset": args.dataset, "environments": list(dataset.environments), "selection": selection,
+                   "runs": summaries}, f, indent=1)
     print(f"results: {os.path.join(args.output_dir, 'summary.json')}", file=sys.stderr)
     return 0
-
-
-def results_table(summaries, env_names) -> str:
-    """Markdown: per algorithm, the test accuracy of each held-out domain (training-domain
-    validation selection), their mean, time per round and peak memory."""
-    by_alg = {}
-    for s in summaries:
-        by_alg.setdefault(s["config"]["algorithm"], []).append(s)
-    singles = all(len(s["config"]["test_envs"]) == 1 for s in summaries)
-    cols = list(env_names) if singles else sorted({str(s["config"]["test_envs"]) for s in summaries})
-    lines = ["| algorithm | " + " | ".join(cols) + " | avg | TTR (s) | peak mem (MiB) |",
-             "|---" * (len(cols) + 4) + "|"]
-    for alg, runs in by_alg.items():
-        accs = {}
-        for s in runs:
-            key = env_names[s["config"]["test_envs"][0]] if singles else str(s["config"]["test_envs"])
-            accs[key] = 100 * s["selection"]["training_domain"]["test_acc"]
-        row = [f"{accs[c]:.1f}" if c in accs else "-" for c in cols]
-        avg = sum(accs.values()) / len(accs)
-        ttr = sum(s["profile"]["ttr_s"] for s in runs) / len(runs)
-        mem = max(s["profile"]["peak_memory_bytes"] for s in runs) / 2**20
-        lines.append(f"| {alg} | " + " | ".join(row) + f" | {avg:.1f} | {ttr:.1f} | {mem:.0f} |")
-    kind = summaries[0]["profile"]["peak_memory_kind"] if summaries else ""
-    lines.append(f"\ntest accuracy (%) of each held-out domain, training-domain validation; TTR = time per "
-                 f"run of {summaries[0]['profile']['steps'] if summaries else 0} steps (mean); memory: {kind}")
-    return "\n".join(lines)
 
 
 def cmd_report(args) -> int:

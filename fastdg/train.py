@@ -1,10 +1,20 @@
 """The trainer: one DomainBed-style run (an algorithm, a data set, test environments), with
-evaluation, model selection, profiling and checkpoint/resume of the whole state.
+evaluation, model selection, profiling, a progress bar and checkpoint/resume of the whole state.
 
 A run directory holds run.json (its arguments), results.jsonl (one line per evaluation, with
-DomainBed's field names), checkpoint.pt (the latest state) and, when finished, summary.json.
+DomainBed's field names: step, epoch, the algorithm's statistics averaged over the steps since
+the last evaluation (loss, ...), step_time, env{i}_in_acc, env{i}_out_acc, mem_gb, args,
+hparams), checkpoint.pt (the latest state) and, when finished, summary.json (the profile of
+the round and the per-run model selection). `step` is the number of updates done.
 A killed run started again with the same arguments resumes from checkpoint.pt and reaches the
-same final weights as an uninterrupted run (sampling generators and RNG states are saved).
+same final weights as an uninterrupted run (sampling and RNG states are saved).
+
+Algorithms that sample by seed category (SeedCategories) draw their batches from
+DomainStreams in category mode, for tensor and image data sets alike. Their re-distribution
+needs the per-sample loss (and for k-means the features) of the whole training pool under the
+current model; when it falls on an evaluation step (seed_t0 a multiple of checkpoint_freq)
+those come from the evaluation's own forward pass over the training domains' "in" splits, so
+the re-distribution costs no extra pass over the data (only the first one, at step 0, does).
 """
 from __future__ import annotations
 
@@ -20,13 +30,16 @@ import numpy as np
 import torch
 
 from . import algorithms as algs
-from .profile import RoundProfiler, torch_trace
+from .profile import RoundProfiler, phase, torch_trace
+from .report import SELECTION_METHODS, run_selection
 
-SELECTION_METHODS = ("training_domain", "test_domain_oracle")
+__all__ = ["RunConfig", "Trainer", "check_config", "check_run_dir", "prepare_run_dir", "Progress", "select",
+           "SELECTION_METHODS"]
 
 # Per-data-set defaults under the user's hyper-parameters. The digit sets have 1,797 images
 # in all: 16 per domain per step keeps a 2-core CPU demo near a minute.
 DATASET_HPARAMS = {"RotatedDigits": {"batch_size": 16}, "ColoredDigits": {"batch_size": 16}}
+EVAL_BATCH = 256
 
 
 @dataclass
@@ -47,6 +60,8 @@ class RunConfig:
     compile: bool = False
     deterministic: bool = False
     profile_trace: str | None = None
+    image_size: int = 224            # image data sets: side of the (square) network input
+    num_workers: int | None = None   # image data sets: loader workers (None: the loader's default)
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -55,15 +70,28 @@ class RunConfig:
 
 
 def check_config(cfg: RunConfig, dataset=None):
-    """Every error that can be found before any work: unknown names, bad environments."""
+    """Every error that can be found before any work: unknown names, bad values, bad environments."""
     cls = algs.get_algorithm(cfg.algorithm)
-    algs.base.resolve_hparams(cls, cfg.hparams)
+    hp = algs.base.resolve_hparams(cls, cfg.hparams)
+    check = getattr(cls, "check_hparams", None)
+    if check is not None:
+        check(hp)
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     if cfg.checkpoint_freq < 1:
         raise ValueError(f"checkpoint_freq must be >= 1, got {cfg.checkpoint_freq}")
     if not 0.0 < cfg.holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
+    if not isinstance(cfg.image_size, int) or cfg.image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {cfg.image_size!r}")
+    if cfg.num_workers is not None and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
+        raise ValueError(f"num_workers must be a non-negative int, got {cfg.num_workers!r}")
+    if not cfg.test_envs:
+        raise ValueError("at least one test environment is needed")
+    try:
+        cfg.resolved_device()
+    except RuntimeError as exc:
+        raise ValueError(f"device {cfg.device!r}: {exc}") from None
     if dataset is not None:
         n = len(dataset.environments)
         bad = [e for e in cfg.test_envs if not 0 <= e < n]
@@ -87,27 +115,104 @@ def _config_key(cfg: RunConfig) -> dict:
     return d
 
 
-def prepare_run_dir(out_dir: str, cfg: RunConfig) -> bool:
-    """Create the run directory, or accept it when it holds this very run (resume).
-    Returns True when a checkpoint to resume from exists. Refuses a directory holding
-    another run, before any work."""
-    os.makedirs(out_dir, exist_ok=True)
+def check_run_dir(out_dir: str, cfg: RunConfig) -> str:
+    """What `out_dir` holds for this run: "new" (absent or empty), "resume" (this very run, a
+    checkpoint or a finished summary in it). Raises ValueError when it holds another run or
+    other files. Writes nothing."""
     meta = os.path.join(out_dir, "run.json")
-    key = _config_key(cfg)
     if os.path.exists(meta):
         with open(meta) as f:
             old = json.load(f)
+        key = _config_key(cfg)
         if old != key:
             diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
             raise ValueError(f"output directory {out_dir} holds another run (differs in {diff}); "
                              "choose another --output-dir or delete it")
+        return "resume"
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"output directory {out_dir} is not empty and holds no fastdg run: "
+                         f"{sorted(os.listdir(out_dir))[:5]}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output directory {out_dir} is a file")
+    return "new"
+
+
+def prepare_run_dir(out_dir: str, cfg: RunConfig) -> bool:
+    """Create the run directory, or accept it when it holds this very run (resume).
+    Returns True when a checkpoint to resume from exists. Refuses a directory holding
+    another run, before any work."""
+    if check_run_dir(out_dir, cfg) == "resume":
         return os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
-    others = [n for n in os.listdir(out_dir) if n not in ("run.json",)]
-    if others:
-        raise ValueError(f"output directory {out_dir} is not empty and holds no fastdg run: {others[:5]}")
-    with open(meta, "w") as f:
-        json.dump(key, f, indent=1)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "run.json"), "w") as f:
+        json.dump(_config_key(cfg), f, indent=1)
     return False
+
+
+class Progress:
+    """Progress of a run on `stream` (stderr). mode "bar": one line redrawn in place (at most
+    every `min_interval` s) with steps, rate, time left and the latest evaluated loss;
+    "lines": no redrawing, one line per evaluation (what a log file or a pipe should get);
+    "none": silent; "auto": "bar" when the stream is a terminal, else "lines". It reads no
+    device value: the loss shown is the one the last evaluation already brought to the host."""
+
+    def __init__(self, total, desc="", stream=None, mode="auto", start=0, min_interval=0.1, width=24):
+        self.stream = sys.stderr if stream is None else stream
+        if mode == "auto":
+            isatty = getattr(self.stream, "isatty", None)
+            mode = "bar" if isatty is not None and isatty() else "lines"
+        if mode not in ("bar", "lines", "none"):
+            raise ValueError(f"progress mode must be 'auto', 'bar', 'lines' or 'none', got {mode!r}")
+        self.mode, self.total, self.desc, self.start = mode, total, desc, start
+        self.n, self.width, self.min_interval = start, width, min_interval
+        self.t0 = self._last_draw = time.perf_counter()
+        self.postfix = ""
+        self._drawn = False
+
+    @staticmethod
+    def _clock(s):
+        s = int(max(s, 0))
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+    def line(self) -> str:
+        frac = self.n / self.total if self.total else 1.0
+        fill = int(frac * self.width)
+        el = time.perf_counter() - self.t0
+        rate = (self.n - self.start) / el if el > 0 else 0.0
+        left = (self.total - self.n) / rate if rate > 0 else 0.0
+        bar = "#" * fill + "-" * (self.width - fill)
+        return (f"{self.desc} {100 * frac:3.0f}% [{bar}] {self.n}/{self.total} "
+                f"[{self._clock(el)}<{self._clock(left)}, {rate:.2f} step/s]{self.postfix}")
+
+    def _draw(self):
+        self.stream.write("\r\033[K" + self.line())
+        self.stream.flush()
+        self._drawn = True
+        self._last_draw = time.perf_counter()
+
+    def update(self, n):
+        self.n = n
+        if self.mode == "bar" and (n >= self.total or time.perf_counter() - self._last_draw >= self.min_interval):
+            self._draw()
+
+    def note(self, text, postfix=None):
+        """A message (an evaluation's summary): its own line, above the bar."""
+        if postfix is not None:
+            self.postfix = postfix
+        if self.mode == "none":
+            return
+        if self.mode == "bar":
+            self.stream.write("\r\033[K" + text + "\n")
+            self._draw()
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self.mode == "bar" and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
 
 
 @torch.no_grad()
@@ -124,10 +229,12 @@ def accuracy(alg, loader, autocast) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, out_dir: str, dataset=None, log=sys.stderr):
+    """One run. `progress` is a Progress mode ("auto", "bar", "lines", "none")."""
+
+    def __init__(self, cfg: RunConfig, out_dir: str, dataset=None, log=sys.stderr, progress="auto"):
         from . import data as fdata
 
-        self.cfg, self.out_dir, self.log = cfg, out_dir, log
+        self.cfg, self.out_dir, self.log, self.progress_mode = cfg, out_dir, log, progress
         check_config(cfg)
         self.device = cfg.resolved_device()
         self.dataset = dataset if dataset is not None else fdata.get_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
@@ -147,29 +254,82 @@ class Trainer:
         if cfg.channels_last:
             self.alg = self.alg.to(memory_format=torch.channels_last)
         self.batch_size = self.alg.hparams["batch_size"]
-        self.streams = fdata.DomainStreams(ds, self.train_envs, self.batch_size, self.device, seed=cfg.seed,
-                                           subsets=[self.splits[i][0] for i in self.train_envs])
         self.by_category = getattr(self.alg, "samples_by_category", False)
+        self._loader_kw = {"image_size": cfg.image_size}
+        if cfg.num_workers is not None:
+            self._loader_kw["num_workers"] = cfg.num_workers
+        subsets = [self.splits[i][0] for i in self.train_envs]
+        extra = {"per_category": self.alg.per_category()} if self.by_category else {}
+        self.streams = fdata.DomainStreams(ds, self.train_envs, self.batch_size, self.device, seed=cfg.seed,
+                                           subsets=subsets, **extra, **self._loader_kw)
         if self.by_category:
-            self._build_pool()
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(cfg.seed + 7)
+            self._check_pool_sizes(subsets)
+            self.pool_y = torch.cat([ds[i].y[s] for i, s in zip(self.train_envs, subsets)]).to(self.device)
+            self.pool_domain = torch.cat([torch.full((len(s),), d, dtype=torch.int64)
+                                          for d, s in enumerate(subsets)]).to(self.device)
+            self.categories_step = None  # the step whose re-distribution is done (when fused into an eval)
         self.records, self.start_step = [], 0
+        self._window = {}  # statistic -> device sum over the steps since the last evaluation
+        self._window_steps = 0
         if self.resume:
             self._load_checkpoint()
 
-    # ---- seed-category pool (tensor data sets) ----
-    def _build_pool(self):
-        ds = self.dataset
-        if ds.is_image:
-            raise ValueError(f"{self.cfg.algorithm} samples by category and needs a tensor data set "
-                             f"(the image pipeline has no category sampler yet); got {ds.name}")
-        xs, ys, doms = [], [], []
-        for d, i in enumerate(self.train_envs):
-            idx = self.splits[i][0]
-            xs.append(ds[i].x[idx])
-            ys.append(ds[i].y[idx])
-            doms.append(torch.full((len(idx),), d, dtype=torch.int64))
-        self.pool = (torch.cat(xs).to(self.device), torch.cat(ys).to(self.device), torch.cat(doms).to(self.device))
+    def _check_pool_sizes(self, subsets):
+        k = self.alg.hparams["seed_k"]
+        small = [(self.dataset.environments[i], len(s)) for i, s in zip(self.train_envs, subsets) if len(s) < k]
+        if small:
+            raise ValueError(f"seed_k={k} categories per domain need at least {k} training samples per domain; "
+                             f"got {small}")
+
+    # ---- seed categories ----
+    def _set_stream_categories(self):
+        """Give the streams the algorithm's categories, renumbered without gaps (k-means may
+        leave a category empty); `step_categories` maps each row of a step back to the
+        algorithm's category id. Synchronises once (at a re-distribution)."""
+        used, compact = torch.unique(self.alg.categories, return_inverse=True)
+        self.streams.set_categories(compact)
+        self.step_categories = used.repeat_interleave(self.streams.sampler.per_category)
+
+    @torch.no_grad()
+    def pool_pass(self):
+        """Per-sample loss (and features) of the whole training pool, eval mode, no evaluation
+        attached: the re-distributions that do not fall on an evaluation."""
+        from . import data as fdata
+
+        stats = self._pool_buffers()
+        self.alg.eval()
+        with phase("forward"):
+            for d, i in enumerate(self.train_envs):
+                loader = fdata.EvalLoader(self.dataset, i, EVAL_BATCH, self.device, subset=self.splits[i][0],
+                                          return_index=True, **self._loader_kw)
+                for x, y, idx in loader:
+                    with self.autocast():
+                        out = self.alg.pool_statistics(x, y)
+                    self._pool_store(stats, d, idx, out)
+        self.alg.train()
+        return stats
+
+    def _pool_buffers(self):
+        n = self.streams.total
+        feats = None if not self.alg.needs_features else []
+        return {"loss": torch.empty(n, device=self.device), "feats": feats, "offsets": self.streams.sampler.offsets}
+
+    def _pool_store(self, stats, d, idx, out):
+        _, loss, f = out
+        pos = idx + stats["offsets"][d]
+        stats["loss"][pos] = loss
+        if f is not None:
+            if not isinstance(stats["feats"], torch.Tensor):
+                stats["feats"] = torch.empty(self.streams.total, f.shape[1], device=self.device)
+            stats["feats"][pos] = f
+
+    def redistribute(self, stats=None):
+        """Re-distribute the seed categories (from `stats` of an evaluation, or a pool pass)."""
+        with phase("categories"):
+            if stats is None:
+                stats = self.pool_pass()
+            self.alg.assign_categories(stats["loss"], stats["feats"], self.pool_y, self.pool_domain)
+            self._set_stream_categories()
 
     # ---- checkpoints ----
     def _checkpoint_path(self):
@@ -182,7 +342,7 @@ class Trainer:
             "optimizers": {k: o.state_dict() for k, o in self.alg.optimizers().items()},
             "extra": self.alg.extra_checkpoint_state(),
             "streams": self.streams.state_dict(),
-            "sample_gen": self.sample_gen.get_state(),
+            "categories_step": getattr(self, "categories_step", None),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "records": self.records,
@@ -200,7 +360,10 @@ class Trainer:
             o.load_state_dict(state["optimizers"][k])
         self.alg.load_extra_checkpoint_state(state["extra"])
         self.streams.load_state_dict(state["streams"])
-        self.sample_gen.set_state(state["sample_gen"].cpu() if self.device.type == "cpu" else state["sample_gen"])
+        if self.by_category:
+            self.categories_step = state.get("categories_step")
+            if self.alg.categories.numel():
+                self._set_stream_categories()
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -214,85 +377,126 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def evaluate(self):
+    @torch.no_grad()
+    def evaluate(self, pool_stats=None):
+        """Accuracy of every environment's "in" and "out" split. With `pool_stats` (buffers from
+        _pool_buffers), the training domains' "in" splits (the pool) are evaluated with
+        alg.pool_statistics, filling the buffers from the same forward pass."""
         from . import data as fdata
 
         self.alg.eval()
         accs = {}
-        for i in range(len(self.dataset.environments)):
-            for part, idx in (("in", self.splits[i][0]), ("out", self.splits[i][1])):
-                loader = fdata.EvalLoader(self.dataset, i, 256, self.device, subset=idx)
-                accs[f"env{i}_{part}_acc"] = accuracy(self.alg, loader, self.autocast)
+        with phase("eval"):
+            for i in range(len(self.dataset.environments)):
+                for part, idx in (("in", self.splits[i][0]), ("out", self.splits[i][1])):
+                    pool = pool_stats is not None and part == "in" and i in self.train_envs
+                    loader = fdata.EvalLoader(self.dataset, i, EVAL_BATCH, self.device, subset=idx, return_index=pool,
+                                              **self._loader_kw)
+                    if not pool:
+                        accs[f"env{i}_{part}_acc"] = accuracy(self.alg, loader, self.autocast)
+                        continue
+                    d, correct = self.train_envs.index(i), 0
+                    for x, y, pos in loader:
+                        with self.autocast():
+                            out = self.alg.pool_statistics(x, y)
+                        self._pool_store(pool_stats, d, pos, out)
+                        correct = correct + (out[0].argmax(1) == y).sum()
+                    accs[f"env{i}_{part}_acc"] = correct.double() / len(idx)
+            result = {k: float(v) for k, v in accs.items()}  # one sync per evaluation, not per step
         self.alg.train()
-        return {k: float(v) for k, v in accs.items()}  # one sync per evaluation, not per step
+        return result
 
     # ---- the loop ----
+    def train_step(self, step, update=None):
+        """One training step (re-distribution when due, data, update). Returns the algorithm's
+        statistics (device tensors)."""
+        alg = self.alg
+        if self.by_category and alg.due(step) and self.categories_step != step:
+            self.redistribute()
+            self.categories_step = step
+        with phase("data"):
+            batches = next(self.streams)
+            if self.by_category:
+                x = torch.cat([b[0] for b in batches])
+                y = torch.cat([b[1] for b in batches])
+        with phase("update"), self.autocast():
+            if self.by_category:
+                return alg.update_categories(x, y, self.step_categories)
+            return (update or alg.update)(batches)
+
+    def _accumulate(self, stats):
+        for k, v in stats.items():
+            v = v.detach().float().mean()
+            self._window[k] = v if k not in self._window else self._window[k] + v
+        self._window_steps += 1
+
+    def _record(self, done, prof, durations):
+        rec = {"step": done, "epoch": done * self.batch_size / min(len(s[0]) for s in self.splits)}
+        # DomainBed's fields: the statistics averaged over the steps since the last evaluation
+        rec.update({k: float(v) / max(self._window_steps, 1) for k, v in self._window.items()})
+        self._window, self._window_steps = {}, 0
+        fuse = self.by_category and done < self.cfg.steps and self.alg.due(done)
+        pool_stats = self._pool_buffers() if fuse else None
+        rec.update(self.evaluate(pool_stats))
+        if fuse:
+            self.redistribute(pool_stats)
+            self.categories_step = done
+        prof.fold()  # the evaluation synchronised already: reading the events costs nothing more
+        rec["step_time"] = float(np.mean(prof.durations[durations:])) if len(prof.durations) > durations else 0.0
+        rec["mem_gb"] = prof.peak_memory_bytes() / 2**30
+        rec["args"] = _config_key(self.cfg)
+        rec["hparams"] = self.alg.hparams
+        return rec
+
     def run(self):
         cfg, alg = self.cfg, self.alg
+        done_path = os.path.join(self.out_dir, "summary.json")
+        if self.start_step >= cfg.steps and os.path.exists(done_path):
+            print(f"{self.out_dir}: finished already; reading its summary", file=self.log)
+            with open(done_path) as f:
+                return json.load(f)
         alg.train()
         update = torch.compile(alg.update) if cfg.compile else alg.update
         prof = RoundProfiler(self.device)
-        it = iter(self.streams)
-        last_stats, t_last = {}, time.perf_counter()
-        with torch_trace(cfg.profile_trace, self.device):
-            for step in range(self.start_step, cfg.steps):
-                if self.by_category and alg.due(step):
-                    with prof.phase("categories"):
-                        alg.recompute_categories(*self.pool)
-                with prof.phase("data"):
-                    if self.by_category:
-                        idx, cat = alg.sample_categories(self.sample_gen)
-                        x, y = self.pool[0][idx], self.pool[1][idx]
-                    else:
-                        minibatches = next(it)
-                with prof.phase("update"), self.autocast():
-                    if self.by_category:
-                        last_stats = alg.update_categories(x, y, cat)
-                    else:
-                        last_stats = update(minibatches)
-                prof.step_done()
-                done = step + 1
-                if done % cfg.checkpoint_freq == 0 or done == cfg.steps:
-                    rec = {"step": done, "epoch": done * self.batch_size / min(len(s[0]) for s in self.splits)}
-                    rec.update({k: float(v.float().mean()) for k, v in last_stats.items()})
-                    rec["step_time"] = (time.perf_counter() - t_last) / cfg.checkpoint_freq
-                    rec.update(self.evaluate())
-                    rec["mem_gb"] = prof.summary()["peak_memory_bytes"] / 2**30
-                    rec["args"] = _config_key(cfg)
-                    rec["hparams"] = alg.hparams
-                    self.records.append(rec)
-                    with open(os.path.join(self.out_dir, "results.jsonl"), "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    self.save_checkpoint(done)
-                    print(f"  [{cfg.algorithm} test={list(cfg.test_envs)}] step {done}/{cfg.steps} "
-                          f"loss {rec.get('loss', float('nan')):.3f}", file=self.log)
-                    t_last = time.perf_counter()
+        desc = f"{cfg.algorithm} test={list(cfg.test_envs)}"
+        bar = Progress(cfg.steps, desc, stream=self.log, mode=self.progress_mode, start=self.start_step)
+        seen = 0  # step durations already reported in a record
+        try:
+            with prof.activate(), torch_trace(cfg.profile_trace, self.device):
+                for step in range(self.start_step, cfg.steps):
+                    prof.step_start()
+                    stats = self.train_step(step, update)
+                    self._accumulate(stats)
+                    prof.step_done()
+                    done = step + 1
+                    bar.update(done)
+                    if done % cfg.checkpoint_freq == 0 or done == cfg.steps:
+                        rec = self._record(done, prof, seen)
+                        seen = len(prof.durations)
+                        self.records.append(rec)
+                        with open(os.path.join(self.out_dir, "results.jsonl"), "a") as f:
+                            f.write(json.dumps(rec, sort_keys=True) + "\n")
+                        self.save_checkpoint(done)
+                        tests = ", ".join(f"{self.dataset.environments[e]} {100 * rec[f'env{e}_in_acc']:.1f}%"
+                                          for e in cfg.test_envs)
+                        loss = rec.get("loss", float("nan"))
+                        bar.note(f"  [{desc}] step {done}/{cfg.steps} loss {loss:.3f} test acc {tests}",
+                                 postfix=f" loss {loss:.3f}")
+        finally:
+            bar.close()
         profile = prof.summary()
-        summary = {"config": _config_key(cfg), "profile": profile, "selection": select(self.records, cfg.test_envs,
-                                                                                      self.train_envs),
+        if self.start_step:
+            profile["resumed_from_step"] = self.start_step
+        summary = {"config": _config_key(cfg), "environments": list(self.dataset.environments),
+                   "profile": profile, "selection": select(self.records, cfg.test_envs, self.train_envs),
                    "final": self.records[-1] if self.records else None}
-        with open(os.path.join(self.out_dir, "summary.json"), "w") as f:
+        with open(done_path, "w") as f:
             json.dump(summary, f, indent=1)
         return summary
 
 
 def select(records, test_envs, train_envs) -> dict:
-    """Model selection over the evaluation records of one run (DomainBed's definitions):
-    training_domain: the checkpoint with the best mean held-out accuracy on the training
-    domains; test_domain_oracle: the last checkpoint (its test-domain held-out accuracy is
-    the validation score). Reports the test domains' accuracy on their "in" split."""
-    if not records:
-        return {}
-
-    def test_acc(r):
-        return float(np.mean([r[f"env{e}_in_acc"] for e in test_envs]))
-
-    best = max(records, key=lambda r: np.mean([r[f"env{e}_out_acc"] for e in train_envs]))
-    last = records[-1]
-    return {
-        "training_domain": {"step": best["step"], "test_acc": test_acc(best),
-                            "val_acc": float(np.mean([best[f"env{e}_out_acc"] for e in train_envs]))},
-        "test_domain_oracle": {"step": last["step"], "test_acc": test_acc(last),
-                               "val_acc": float(np.mean([last[f"env{e}_out_acc"] for e in test_envs]))},
-    }
-
+    """Model selection over the evaluation records of one run: DomainBed's training-domain
+    validation and test-domain oracle (see fastdg.report.run_selection; leave-one-domain-out
+    needs the runs that hold out one more domain and is done by `fastdg report`)."""
+    return run_selection(records, test_envs, train_envs)
