@@ -291,7 +291,11 @@ def selection_tables(records, runs=()) -> str:
         cells = results[method]
         for ds in datasets:
             n = max(num_envs(r) for r in records if r["args"]["dataset"] == ds)
-            envs = sorted({t for (d, _, t) in cells if d == ds})
+            # columns: the environments some run held out alone (pair runs, made for
+            # leave-one-domain-out, add groups for their second environment that nobody asked for)
+            envs = sorted({r["args"]["test_envs"][0] for r in records
+                           if r["args"]["dataset"] == ds and len(r["args"]["test_envs"]) == 1}) \
+                or sorted({t for (d, _, t) in cells if d == ds})
             names = _env_names(runs, ds, n)
             algs = list(OrderedDict.fromkeys(a for (d, a, _) in cells if d == ds))
             lines += [f"### {ds}: {title}", "",
@@ -312,9 +316,11 @@ def selection_tables(records, runs=()) -> str:
                     row.append(f"{100 * c['test_acc']:.1f}{pm}")
                 avg = f"{100 * sum(vals) / len(vals):.1f}" if vals and len(vals) == len(envs) else "X"
                 lines.append(f"| {alg} | " + " | ".join(row) + f" | {avg} |")
-            configs = sorted({p["configurations"] for c in cells.values() for p in c["per_trial"]})
+            configs = sorted({p["configurations"] for (d, _, t), c in cells.items() if d == ds and t in envs
+                              for p in c["per_trial"]})
+            lines.append("\navg: mean over the held-out environments shown (X if one is missing)")
             if configs:
-                lines.append(f"\nhyper-parameter configurations per cell: {', '.join(map(str, configs))}"
+                lines.append(f"hyper-parameter configurations per cell: {', '.join(map(str, configs))}"
                              + (" (no sweep: a single configuration, so the oracle is its last checkpoint)"
                                 if configs == [1] else ""))
             for note in notes:

@@ -231,9 +231,10 @@ def accuracy(alg, loader, autocast) -> torch.Tensor:
 class Trainer:
     """One run. `progress` is a Progress mode ("auto", "bar", "lines", "none")."""
 
-    def __init__(self, cfg: RunConfig, out_dir: str, dataset=None, log=sys.stderr, progress="auto"):
+    def __init__(self, cfg: RunConfig, out_dir: str, dataset=None, log=None, progress="auto"):
         from . import data as fdata
 
+        log = sys.stderr if log is None else log  # looked up now: callers (and pytest) may swap sys.stderr
         self.cfg, self.out_dir, self.log, self.progress_mode = cfg, out_dir, log, progress
         check_config(cfg)
         self.device = cfg.resolved_device()

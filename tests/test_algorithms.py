@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from fastdg.algorithms import ALGORITHMS, get_algorithm
 from fastdg.algorithms.sagnet import content_randomize, style_randomize
+from fastdg.profile import RoundProfiler
 
 SHAPE, CLASSES, DOMAINS = (1, 8, 8), 10, 3
 
@@ -90,3 +91,27 @@ def test_sagnet_randomness_is_injectable():
     r = (torch.tensor([5, 3, 1, 0, 2, 4, 6, 7] * 3)[:24].argsort(), torch.full((24,), 0.3))
     sa, sb = a.update(mb, randomness=r), b.update(mb, randomness=r)
     torch.testing.assert_close(sa["loss"], sb["loss"])
+
+
+@pytest.mark.parametrize("name", ["ERM", "GroupDRO", "SeedCategories", "IRM", "VREx", "MLDG", "SagNet"])
+def test_update_marks_forward_backward_and_optimizer_phases(name):
+    torch.manual_seed(0)
+    alg = get_algorithm(name)(SHAPE, CLASSES, DOMAINS, {"batch_size": 8})
+    prof = RoundProfiler("cpu")
+    with prof.activate():
+        if name == "SeedCategories":
+            x, y = torch.randn(60, *SHAPE), torch.randint(0, CLASSES, (60,))
+            with prof.phase("categories"):
+                alg.recompute_categories(x, y, torch.arange(60) % DOMAINS)
+            idx, cat = alg.sample_categories(torch.Generator().manual_seed(0))
+            with prof.phase("update"):
+                alg.update_categories(x[idx], y[idx], cat)
+        else:
+            with prof.phase("update"):
+                alg.update(batches())
+    s = prof.summary()
+    assert set(s["phase_tree"]["update"]["children"]) == {"forward", "backward", "optimizer"}
+    assert [p for p in s["phases_s"] if "/" not in p] == (["categories", "update"] if name == "SeedCategories"
+                                                          else ["update"])
+    if name == "SeedCategories":
+        assert set(s["phase_tree"]["categories"]["children"]) == {"forward", "assign"}
