@@ -39,7 +39,7 @@ __all__ = ["RunConfig", "Trainer", "check_config", "check_run_dir", "prepare_run
 # Per-data-set defaults under the user's hyper-parameters. The digit sets have 1,797 images
 # in all: 16 per domain per step keeps a 2-core CPU demo near a minute.
 DATASET_HPARAMS = {"RotatedDigits": {"batch_size": 16}, "ColoredDigits": {"batch_size": 16}}
-EVAL_BATCH = 256
+EVAL_BATCH = {"cuda": 256, "cpu": 64}  # per device type; on a CPU smaller batches stay in cache (DomainBed: 64)
 
 
 @dataclass
@@ -269,6 +269,7 @@ class Trainer:
             self.pool_domain = torch.cat([torch.full((len(s),), d, dtype=torch.int64)
                                           for d, s in enumerate(subsets)]).to(self.device)
             self.categories_step = None  # the step whose re-distribution is done (when fused into an eval)
+        self._eval_loaders = {}
         self.records, self.start_step = [], 0
         self._window = {}  # statistic -> device sum over the steps since the last evaluation
         self._window_steps = 0
@@ -295,20 +296,32 @@ class Trainer:
     def pool_pass(self):
         """Per-sample loss (and features) of the whole training pool, eval mode, no evaluation
         attached: the re-distributions that do not fall on an evaluation."""
-        from . import data as fdata
-
         stats = self._pool_buffers()
         self.alg.eval()
         with phase("forward"):
             for d, i in enumerate(self.train_envs):
-                loader = fdata.EvalLoader(self.dataset, i, EVAL_BATCH, self.device, subset=self.splits[i][0],
-                                          return_index=True, **self._loader_kw)
+                loader = self._eval_loader(i, "in", return_index=True)
                 for x, y, idx in loader:
                     with self.autocast():
                         out = self.alg.pool_statistics(x, y)
                     self._pool_store(stats, d, idx, out)
         self.alg.train()
         return stats
+
+    def _eval_loader(self, env, part, return_index=False):
+        """An EvalLoader over environment `env`'s "in" or "out" split. Image loaders are kept
+        (a DALI pipeline is costly to build, and they hold only paths); tensor ones are made per
+        pass so that no second device copy of the data stays resident."""
+        from . import data as fdata
+
+        key = (env, part, return_index)
+        if key in self._eval_loaders:
+            return self._eval_loaders[key]
+        loader = fdata.EvalLoader(self.dataset, env, EVAL_BATCH.get(self.device.type, 256), self.device, subset=self.splits[env][part == "out"],
+                                  return_index=return_index, **self._loader_kw)
+        if self.dataset.is_image:
+            self._eval_loaders[key] = loader
+        return loader
 
     def _pool_buffers(self):
         n = self.streams.total
@@ -383,16 +396,13 @@ class Trainer:
         """Accuracy of every environment's "in" and "out" split. With `pool_stats` (buffers from
         _pool_buffers), the training domains' "in" splits (the pool) are evaluated with
         alg.pool_statistics, filling the buffers from the same forward pass."""
-        from . import data as fdata
-
         self.alg.eval()
         accs = {}
         with phase("eval"):
             for i in range(len(self.dataset.environments)):
                 for part, idx in (("in", self.splits[i][0]), ("out", self.splits[i][1])):
                     pool = pool_stats is not None and part == "in" and i in self.train_envs
-                    loader = fdata.EvalLoader(self.dataset, i, EVAL_BATCH, self.device, subset=idx, return_index=pool,
-                                              **self._loader_kw)
+                    loader = self._eval_loader(i, part, return_index=pool)
                     if not pool:
                         accs[f"env{i}_{part}_acc"] = accuracy(self.alg, loader, self.autocast)
                         continue
