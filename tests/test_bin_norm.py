@@ -11,7 +11,11 @@ from fastdg.reference.bin_norm import bin_norm_ref
 needs_ext = pytest.mark.skipif(_ext.load() is None, reason=f"fastdg._C not loaded: {_ext.why_not()}")
 
 
-def make(shape, dtype=torch.float64, channels_last=False, seed=0, sep=False):
+def make(shape, dtype=torch.float64, channels_last=False, seed=0, sep=False, affine=None):
+    """x (never zero, per-channel offsets), parameters by name, running (mean, var).
+    affine: "shared" (weight, bias), "separate" (+ in_weight, in_bias) or "none" (rho only);
+    default from sep."""
+    affine = affine or ("separate" if sep else "shared")
     g = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + torch.randn(1, C, 1, 1, generator=g,
@@ -23,9 +27,11 @@ def make(shape, dtype=torch.float64, channels_last=False, seed=0, sep=False):
         return (torch.rand(C, generator=g, dtype=torch.float64) * (hi - lo) + lo)
 
     p = {"weight": vec(0.5, 1.5), "bias": vec(-1, 1), "rho": vec(0, 1)}
-    if sep:
+    if affine == "separate":
         p.update(in_weight=vec(0.5, 1.5), in_bias=vec(-1, 1))
     running = (vec(-1, 1), vec(0.5, 2))
+    if affine == "none":
+        p = {"rho": p["rho"]}
     return x, p, running
 
 
@@ -38,7 +44,7 @@ def run(backend, x, p, running, mode, dy):
     params = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
     rm, rv = (t.clone() for t in running)
     if backend == "torch-kernels":
-        y = _BinNormFunction.apply(x, params["weight"], params["bias"], params["rho"], params.get("in_weight"),
+        y = _BinNormFunction.apply(x, params.get("weight"), params.get("bias"), params["rho"], params.get("in_weight"),
                                    params.get("in_bias"), rm, rv, mode, 0.1, 1e-5, TorchKernels)
     else:
         y = bin_norm(x, running_mean=rm, running_var=rv, mode=mode, backend=backend, **params)
@@ -81,14 +87,49 @@ def test_hold_mode_leaves_running_stats_and_eval_ignores_batch():
     torch.testing.assert_close(y1, y2)
 
 
-def test_gradcheck_and_gradgradcheck_float64():
-    x, p, running = make((2, 3, 3, 4), sep=True)
-    inputs = [x.requires_grad_()] + [p[k].requires_grad_() for k in ("weight", "bias", "rho", "in_weight", "in_bias")]
-    for backend in ("reference", "cpp") if _ext.load() is not None else ("reference",):
-        def f(x, w, b, r, iw, ib):
-            return bin_norm(x, w, b, r, mode="hold", in_weight=iw, in_bias=ib, backend=backend)
-        assert torch.autograd.gradcheck(f, inputs)
-        assert torch.autograd.gradgradcheck(f, inputs)  # second order: MetaBIN's meta-gradient
+GRAD_BACKENDS = ["reference"] + (["cpp"] if _ext.load() is not None else [])
+PARAM_NAMES = ("weight", "bias", "rho", "in_weight", "in_bias")
+
+
+def grad_check(backend, x, p, running, mode, fast_mode=False):
+    """gradcheck + gradgradcheck (second order: MetaBIN's meta-gradient) of bin_norm in `mode`
+    w.r.t. x and every parameter. Each call gets fresh copies of the running statistics, so the
+    repeated calls see the same function (train mode updates them in place; its output does not
+    depend on them, eval's does). fast_mode: compare random projections of the Jacobians (still
+    fails on any wrong entry with probability 1), not every entry."""
+    names = [k for k in PARAM_NAMES if k in p]
+    inputs = [x.detach().requires_grad_()] + [p[k].detach().clone().requires_grad_() for k in names]
+    rm, rv = running
+
+    def f(x, *params):
+        y = bin_norm(x, running_mean=rm.clone(), running_var=rv.clone(), mode=mode, backend=backend,
+                     **dict(zip(names, params)))
+        assert last_choice("bin_norm").backend == backend
+        return y
+
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=fast_mode)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=fast_mode)
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("affine", ["shared", "separate", "none"])
+@pytest.mark.parametrize("mode", ["train", "hold", "eval"])
+def test_gradcheck_and_gradgradcheck_float64(backend, affine, mode):
+    x, p, running = make((2, 3, 3, 4), affine=affine, seed=5)
+    # Every Jacobian entry once (hold, separate affine: all five parameters); projections elsewhere.
+    grad_check(backend, x, p, running, mode, fast_mode=(mode, affine) != ("hold", "separate"))
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("view", ["transposed", "sliced"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradgradcheck_non_contiguous_input(backend, view, mode):
+    """x neither NCHW- nor channels_last-contiguous: forward works on a contiguous copy, and the
+    double backward must still differentiate through the caller's x (a saved copy has no graph)."""
+    base, p, running = make((2, 3, 4, 6), sep=True, seed=6)
+    x = base.transpose(2, 3) if view == "transposed" else base[:, :, 1:, ::2]
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    grad_check(backend, x, p, running, mode, fast_mode=True)
 
 
 # ---- every fast path against the reference ------------------------------------------------
@@ -100,12 +141,12 @@ BACKENDS = ["torch-kernels"] + (["cpp"] if _ext.load() is not None else [])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("sep", [False, True])
+@pytest.mark.parametrize("affine", ["shared", "separate", "none"])
 @pytest.mark.parametrize("mode", ["train", "hold", "eval"])
-def test_backend_matches_reference_float64(backend, shape, channels_last, sep, mode):
+def test_backend_matches_reference_float64(backend, shape, channels_last, affine, mode):
     if mode == "train" and shape[0] * shape[2] * shape[3] < 2:
         pytest.skip("train mode needs more than one value per channel")
-    x, p, running = make(shape, channels_last=channels_last, sep=sep, seed=hash((shape, sep)) % 1000)
+    x, p, running = make(shape, channels_last=channels_last, affine=affine, seed=sum(shape) + len(affine))
     dy = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     if channels_last:
         dy = dy.contiguous(memory_format=torch.channels_last)
@@ -123,20 +164,36 @@ def test_backend_matches_reference_float64(backend, shape, channels_last, sep, m
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cpp_low_precision_within_twice_the_reference_error(dtype, channels_last):
-    """Half precision passes when its error is within 2x of the reference's own in that precision."""
-    x64, p, running = make((4, 6, 9, 11), channels_last=channels_last, seed=4)
+@pytest.mark.parametrize("mode", ["train", "hold", "eval"])
+@pytest.mark.parametrize("affine", ["shared", "separate", "none"])
+@pytest.mark.parametrize("shape", [(4, 6, 9, 11), (2, 3, 40, 41)])
+def test_cpp_low_precision_within_twice_the_reference_error(dtype, channels_last, mode, affine, shape):
+    """Half precision passes when its error is within 2x of the reference's own in that precision:
+    y, every gradient and the running statistics (updated in train, untouched otherwise)."""
+    x64, p, running = make(shape, channels_last=channels_last, seed=4, affine=affine)
     dy64 = torch.randn(x64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    exact = run("reference", x64, p, running, "train", dy64)
+    exact = run("reference", x64, p, running, mode, dy64)
     x, dy = x64.to(dtype), dy64.to(dtype)
     pl = {k: v.float() for k, v in p.items()}
-    run_l = [run(b, x, pl, tuple(t.float() for t in running), "train", dy) for b in ("cpp", "reference")]
-    assert last_choice("bin_norm").backend == "reference"
-    (y_c, g_c, _, _), (y_r, g_r, _, _) = run_l
-    assert y_c.dtype == dtype
+    running_l = tuple(t.float() for t in running)
+    run_l = []
+    for backend in ("cpp", "reference"):
+        run_l.append(run(backend, x, pl, running_l, mode, dy))
+        assert last_choice("bin_norm").backend == backend
+    (y_c, g_c, rm_c, rv_c), (y_r, g_r, rm_r, rv_r) = run_l
+    assert y_c.dtype == dtype and torch.isfinite(y_c).all()
     assert rel(y_c, exact[0]) <= 2 * rel(y_r, exact[0]) + 1e-6
+    assert set(g_c) == set(exact[1])
     for k in g_r:
+        assert g_c[k].dtype == pl[k].dtype if k != "x" else g_c[k].dtype == dtype, k
         assert rel(g_c[k], exact[1][k]) <= 2 * rel(g_r[k], exact[1][k]) + 1e-6, k
+    assert rm_c.dtype == rv_c.dtype == torch.float32
+    assert rel(rm_c, exact[2]) <= 2 * rel(rm_r, exact[2]) + 1e-7
+    assert rel(rv_c, exact[3]) <= 2 * rel(rv_r, exact[3]) + 1e-7
+    if mode == "train":  # the update happened (a skipped update would be ~1e-1 off)
+        assert not torch.equal(rm_c, running_l[0]) and not torch.equal(rv_c, running_l[1])
+    else:
+        assert torch.equal(rm_c, running_l[0]) and torch.equal(rv_c, running_l[1])
 
 
 @needs_ext

@@ -22,7 +22,9 @@ b = (1-rho)*in_weight (separate affine), r = 1/sqrt(var + eps):
     drho   = gamma (r_c T - sum_n r_nc S2)                            (shared affine)
 
 Double backward (create_graph=True, e.g. second-order MetaBIN) is routed through the
-differentiable reference, recomputed from the saved inputs.
+differentiable reference, recomputed from the saved inputs. The saved x is the caller's tensor
+(not the contiguous copy forward makes of a strided input, which has no graph), so second-order
+terms through x survive for any layout; the first-order backward re-makes that copy.
 """
 from __future__ import annotations
 
@@ -123,7 +125,7 @@ class _BinNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, rho, in_weight, in_bias, running_mean, running_var,
                 mode, momentum, eps, kernels):
         fmt = memory_format(x)
-        x = x.contiguous(memory_format=fmt)
+        x_in, x = x, x.contiguous(memory_format=fmt)  # x_in: saved (a copy would lose x's graph)
         N, C, H, W = x.shape
         mean_nc, var_nc = kernels.stats(x)
         sd = mean_nc.dtype
@@ -145,7 +147,7 @@ class _BinNormFunction(torch.autograd.Function):
         else:
             shift = shift + rho.to(sd) * bias.to(sd) + (1 - rho.to(sd)) * in_bias.to(sd)
         y = kernels.apply(x, scale.contiguous(), shift.contiguous())
-        ctx.save_for_backward(x, weight, bias, rho, in_weight, in_bias, mean_nc, r_nc, mu_c, r_c, var_c)
+        ctx.save_for_backward(x_in, weight, bias, rho, in_weight, in_bias, mean_nc, r_nc, mu_c, r_c, var_c)
         ctx.mode, ctx.eps, ctx.kernels, ctx.fmt = mode, eps, kernels, fmt
         return y
 
@@ -154,6 +156,7 @@ class _BinNormFunction(torch.autograd.Function):
         x, weight, bias, rho, in_weight, in_bias, mean_nc, r_nc, mu_c, r_c, var_c = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _differentiable_backward(ctx, dy)
+        x = x.contiguous(memory_format=ctx.fmt)  # a no-op unless forward had to copy x
         N, C, H, W = x.shape
         L, M = H * W, N * H * W
         sd = mean_nc.dtype
