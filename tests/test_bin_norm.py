@@ -266,3 +266,75 @@ def test_fp32_gradients_as_accurate_as_reference_when_statistics_agree(shape):
     ref32, cpp32 = grads("reference", torch.float32), grads("cpp", torch.float32)
     for name, t, r, c in zip(["x", "weight", "bias", "rho"], truth, ref32, cpp32):
         assert rel(c, t) <= 2 * rel(r, t) + 1e-7, (name, rel(c, t), rel(r, t))
+
+
+# ---- rho and momentum values --------------------------------------------------------------
+
+PUBLIC_BACKENDS = ["reference"] + (["cpp"] if _ext.load() is not None else [])
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS)
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")])
+def test_rho_outside_unit_interval_is_refused_on_cpu(backend, bad):
+    """DESIGN.md: rho outside [0, 1] raises at the public boundary (rho on the CPU: one cheap
+    read); check_inputs=False skips the read and computes the extrapolation."""
+    x, p, (rm, rv) = make((2, 3, 4, 4), dtype=torch.float32)
+    p = {k: v.float() for k, v in p.items()}
+    rho = p["rho"].clone()
+    rho[1] = bad
+    for mode in ("train", "hold", "eval"):
+        for check in (None, True):
+            with pytest.raises(ValueError, match=r"rho must be in \[0, 1\]"):
+                bin_norm(x, p["weight"], p["bias"], rho, rm.float(), rv.float(), mode=mode, backend=backend,
+                         check_inputs=check)
+    y = bin_norm(x, p["weight"], p["bias"], rho, mode="hold", backend=backend, check_inputs=False)
+    torch.testing.assert_close(y, bin_norm_ref(x, p["weight"], p["bias"], rho, mode="hold"), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS)
+def test_rho_at_the_bounds_and_meta_learning_rho_are_accepted(backend):
+    """0 and 1 are valid; so is MetaBIN's rho' = lin + (clamp(lin, 0, 1) - lin).detach() (a
+    non-leaf tensor with a graph, exactly in [0, 1] even where lin is not), and gradients
+    flow back to rho through it."""
+    x, p, _ = make((3, 4, 5, 5))
+    rho = torch.tensor([0.0, 1.0, 0.3, 0.9], dtype=torch.float64, requires_grad=True)
+    g = torch.tensor([2.0, -3.0, 0.1, -0.3], dtype=torch.float64)
+    lin = rho - 0.7 * g  # [-1.4, 3.1, 0.23, 1.11]: two values outside [0, 1]
+    fast = lin + (lin.clamp(0.0, 1.0) - lin).detach()
+    y = bin_norm(x, p["weight"], p["bias"], fast, mode="hold", backend=backend)
+    (gr,) = torch.autograd.grad(y.sin().sum(), rho)
+    fast_r = fast.detach().clone().requires_grad_()
+    (gr_ref,) = torch.autograd.grad(bin_norm_ref(x, p["weight"], p["bias"], fast_r, mode="hold").sin().sum(), fast_r)
+    torch.testing.assert_close(gr, gr_ref)  # straight through: d rho' / d rho = 1
+    assert gr.abs().min() > 0
+
+
+@pytest.mark.parametrize("backend", PUBLIC_BACKENDS)
+def test_tensor_momentum_matches_float_momentum(backend):
+    """momentum as a one-element tensor (no host read, e.g. BatchNorm's cumulative 1 / count)
+    updates the running statistics as the same float does."""
+    x, p, (rm, rv) = make((4, 5, 6, 7), seed=8)
+    stats = []
+    for momentum in (0.3, torch.tensor(0.3, dtype=torch.float64), torch.tensor([0.3], dtype=torch.float32)):
+        rm_, rv_ = rm.clone(), rv.clone()
+        y = bin_norm(x, **p, running_mean=rm_, running_var=rv_, mode="train", momentum=momentum, backend=backend)
+        stats.append((y, rm_, rv_))
+    assert not torch.equal(stats[0][1], rm) and not torch.equal(stats[0][2], rv)
+    for y, rm_, rv_ in stats[1:2]:  # float64 tensor: the same number
+        assert torch.equal(y, stats[0][0]) and torch.equal(rm_, stats[0][1]) and torch.equal(rv_, stats[0][2])
+    y, rm_, rv_ = stats[2]  # 0.3 rounded to float32
+    assert rel(rm_, stats[0][1]) < 1e-7 and rel(rv_, stats[0][2]) < 1e-7 and torch.equal(y, stats[0][0])
+
+
+def test_bad_momentum_is_refused():
+    x, p, (rm, rv) = make((2, 3, 4, 4))
+    kw = dict(running_mean=rm, running_var=rv, mode="train")
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        bin_norm(x, **p, **kw, momentum=1.5)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]"):
+        bin_norm(x, **p, **kw, momentum=torch.tensor(-0.1))
+    with pytest.raises(ValueError, match="momentum must be a number or a one-element tensor"):
+        bin_norm(x, **p, **kw, momentum=torch.full((2,), 0.1))
+    with pytest.raises(TypeError, match="momentum must have dtype"):
+        bin_norm(x, **p, **kw, momentum=torch.tensor(1))
+    assert torch.equal(rm, make((2, 3, 4, 4))[2][0])  # nothing was updated

@@ -29,6 +29,7 @@ terms through x survive for any layout; the first-order backward re-makes that c
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _dispatch
 from ..reference.bin_norm import MODES, bin_norm_ref, update_running_stats
@@ -213,7 +214,8 @@ def _differentiable_backward(ctx, dy):
 # ---- public op ---------------------------------------------------------------------------
 
 def bin_norm(x, weight=None, bias=None, rho=None, running_mean=None, running_var=None, *,
-             mode="train", momentum=0.1, eps=1e-5, in_weight=None, in_bias=None, backend=None):
+             mode="train", momentum=0.1, eps=1e-5, in_weight=None, in_bias=None, backend=None,
+             check_inputs=None):
     """Batch-Instance Normalization of x (N, C, H, W), NCHW or channels_last.
 
     Shared affine: y = weight * (rho * xb + (1 - rho) * xi) + bias (weight/bias may be None).
@@ -221,11 +223,21 @@ def bin_norm(x, weight=None, bias=None, rho=None, running_mean=None, running_var
         y = rho * (weight * xb + bias) + (1 - rho) * (in_weight * xi + in_bias).
     xb is x normalised with batch statistics ("train", "hold") or running ones ("eval");
     xi with per-(n, c) statistics in every mode. "train" updates running_mean/var in place
-    (momentum, unbiased variance). All per-channel tensors are (C,). rho is used as given
-    (keep it in [0, 1], e.g. with fastdg.nn.clamp_rho_). Returns y with x's dtype and layout.
+    (momentum, unbiased variance). All per-channel tensors are (C,). rho must lie in [0, 1]
+    (keep it there with fastdg.nn.clamp_rho_; MetaBIN's rho' = clamp(rho - alpha g, 0, 1) does).
+    momentum: a number in [0, 1] or a one-element float tensor on x's device (e.g. 1 / the
+    batch count for BatchNorm's cumulative average, computed without a host read).
+    Returns y with x's dtype and layout.
     backend: None (fastest that can run), "cuda", "triton", "cpp" or "reference".
+    check_inputs: check the values of rho (and of a tensor momentum) are in [0, 1], which reads
+    them on the host. None (default): only when they are on the CPU and not being traced by
+    torch.compile (on a GPU the read would be a host synchronisation every call, and traced code
+    cannot branch on values); True: always (a sync on CUDA, a graph break under torch.compile);
+    False: never (out-of-range rho then extrapolates between the branches). Shapes, dtypes,
+    devices and the other arguments are always checked (no device reads).
     """
-    _check_inputs(x, weight, bias, rho, running_mean, running_var, mode, momentum, eps, in_weight, in_bias)
+    _check_inputs(x, weight, bias, rho, running_mean, running_var, mode, momentum, eps, in_weight, in_bias,
+                  check_inputs)
     choice = _dispatch.choose(OP, CANDIDATES, backend, x)
     if choice.backend == "reference":
         return bin_norm_ref(x, weight, bias, rho, running_mean, running_var, mode=mode, momentum=momentum,
@@ -234,7 +246,24 @@ def bin_norm(x, weight=None, bias=None, rho=None, running_mean=None, running_var
                                   mode, momentum, eps, _kernels(choice.backend))
 
 
-def _check_inputs(x, weight, bias, rho, running_mean, running_var, mode, momentum, eps, in_weight, in_bias):
+def _reads_values(check_inputs, *tensors):
+    """Whether to check tensor values on the host (see bin_norm's check_inputs)."""
+    if check_inputs is not None:
+        return bool(check_inputs)
+    if torch.compiler.is_compiling():
+        return False
+    return all(t.device.type == "cpu" and not is_fake(t) for t in tensors)
+
+
+def _in_unit_interval(name, t, hint=""):
+    """One host read: every value of t in [0, 1] (NaN fails)."""
+    if not bool(((t >= 0) & (t <= 1)).all()):
+        lo, hi = torch.aminmax(t.detach().float().flatten())
+        raise ValueError(f"{name} must be in [0, 1]{hint}, got values in [{lo.item():g}, {hi.item():g}]")
+
+
+def _check_inputs(x, weight, bias, rho, running_mean, running_var, mode, momentum, eps, in_weight, in_bias,
+                  check_inputs=None):
     V.tensor("x", x, dim=4, dtypes=V.FLOATS)
     C = x.shape[1]
     if mode not in MODES:
@@ -260,7 +289,15 @@ def _check_inputs(x, weight, bias, rho, running_mean, running_var, mode, momentu
     if mode == "train" and running_mean is not None and x.shape[0] * x.shape[2] * x.shape[3] < 2:
         raise ValueError("mode='train' needs more than one value per channel to update running_var "
                          f"(x has shape {tuple(x.shape)})")
-    if not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, torch.Tensor):
+        V.tensor("momentum", momentum, dtypes=V.FLOATS, device=x.device)
+        if momentum.numel() != 1:
+            raise ValueError(f"momentum must be a number or a one-element tensor, got shape {tuple(momentum.shape)}")
+    elif not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
+    if _reads_values(check_inputs, rho):
+        _in_unit_interval("rho", rho, " (clamp it, e.g. with fastdg.nn.clamp_rho_)")
+    if isinstance(momentum, torch.Tensor) and mode == "train" and _reads_values(check_inputs, momentum):
+        _in_unit_interval("momentum", momentum)

@@ -15,8 +15,11 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def update_running_stats(running_mean, running_var, mean_c, var_c, count, momentum):
-    """In-place momentum update; running_var takes the unbiased batch variance (as BatchNorm)."""
+    """In-place momentum update; running_var takes the unbiased batch variance (as BatchNorm).
+    momentum: a number or a one-element tensor (read on the device, no host sync)."""
     with torch.no_grad():
+        if isinstance(momentum, torch.Tensor):
+            momentum = momentum.reshape(()).to(running_mean.dtype)
         unbiased = var_c * (count / (count - 1))
         running_mean.lerp_(mean_c.to(running_mean.dtype), momentum)
         running_var.lerp_(unbiased.to(running_var.dtype), momentum)
