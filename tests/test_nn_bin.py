@@ -1,6 +1,7 @@
 """fastdg.nn BIN layers: a drop-in for BatchNorm2d, conversion, rho helpers, meta-learning,
 torch.compile and autocast."""
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -99,6 +100,68 @@ def test_momentum_none_and_untracked_match_batchnorm(momentum, track):
     b.eval()
     x = torch.randn(2, 6, 3, 3)
     torch.testing.assert_close(b(x), bn(x), rtol=1e-4, atol=1e-5)
+
+
+def test_positional_arguments_are_batchnorm2d_s_and_bin_ones_keyword_only():
+    """A drop-in: BatchNorm2d(*args) -> BatchInstanceNorm2d(*args) means the same (the 5th
+    positional is track_running_stats); separate_affine, rho_init and backend are keyword-only,
+    so a positional call cannot set one of them by mistake."""
+    def positional(cls):
+        return [n for n, q in inspect.signature(cls.__init__).parameters.items()
+                if q.kind == q.POSITIONAL_OR_KEYWORD][1:]
+
+    assert positional(BatchInstanceNorm2d) == positional(nn.BatchNorm2d)
+    kw_only = {n for n, q in inspect.signature(BatchInstanceNorm2d.__init__).parameters.items()
+               if q.kind == q.KEYWORD_ONLY}
+    assert {"separate_affine", "rho_init", "backend"} <= kw_only
+    args = (6, 1e-3, 0.3, False, False)  # eps, momentum, affine=False, track_running_stats=False
+    bn, b = nn.BatchNorm2d(*args), BatchInstanceNorm2d(*args)
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(b, attr) == getattr(bn, attr), attr
+    assert b.weight is None and b.running_mean is None and not b.separate_affine and torch.all(b.rho == 1)
+    torch.manual_seed(6)
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    torch.testing.assert_close(b(x), bn(x), rtol=1e-4, atol=1e-5)
+    b = BatchInstanceNorm2d(6, 1e-3, 0.3, True, True, "cpu", torch.float64)  # BatchNorm2d's device, dtype
+    assert b.weight.dtype == b.running_var.dtype == torch.float64 and b.track_running_stats
+    with pytest.raises(TypeError):
+        BatchInstanceNorm2d(6, 1e-5, 0.1, True, True, None, None, True)  # separate_affine positionally
+
+
+def test_momentum_none_compiles_fullgraph_and_matches_batchnorm():
+    """The cumulative-average factor 1 / num_batches_tracked stays a tensor (no host read), so
+    a fullgraph compile works; running statistics and counter match BatchNorm2d's after 3 steps."""
+    torch.manual_seed(7)
+    bn = nn.BatchNorm2d(5, momentum=None)
+    b = BatchInstanceNorm2d(5, momentum=None)
+    compiled = torch.compile(b, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(4, 5, 6, 5) * (step + 1) + step
+        torch.testing.assert_close(compiled(x), bn(x), rtol=1e-4, atol=1e-5)
+    assert int(b.num_batches_tracked) == int(bn.num_batches_tracked) == 3
+    torch.testing.assert_close(b.running_mean, bn.running_mean)
+    torch.testing.assert_close(b.running_var, bn.running_var)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_cuda_layer_step_has_no_host_sync(momentum):
+    """Training step of the layer on a GPU (momentum=None included, default checks): no host sync."""
+    m = BatchInstanceNorm2d(16, momentum=momentum, separate_affine=True, rho_init=0.5).cuda()
+    x = torch.randn(8, 16, 14, 14, device="cuda") * 2 + 1
+    m(x).square().mean().backward()  # warm-up: loads the extension / compiles kernels
+    bn = nn.BatchNorm2d(16, momentum=momentum).cuda()
+    bn(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m(x).square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    bn(x)
+    torch.testing.assert_close(m.running_mean, bn.running_mean)
+    torch.testing.assert_close(m.running_var, bn.running_var)
+    assert int(m.num_batches_tracked) == 2
 
 
 def test_rho_zero_is_instance_norm_and_separate_affine_mixes_branches():

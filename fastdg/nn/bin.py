@@ -34,13 +34,22 @@ class BatchInstanceNorm2d(nn.Module):
 
     Modes: training -> batch statistics for the BN branch, running statistics updated (unless
     `hold` is set or track_running_stats is False); eval -> running statistics. The IN branch
-    always uses per-sample statistics. momentum=None means a cumulative average, as in BatchNorm.
-    backend: forwarded to fastdg.ops.bin_norm (None = fastest that runs).
+    always uses per-sample statistics. momentum=None means a cumulative average, as in BatchNorm
+    (the factor 1 / num_batches_tracked stays a device tensor: no host read, and torch.compile
+    with fullgraph=True works).
+
+    Signature: the positional arguments are BatchNorm2d's, in its order (num_features, eps,
+    momentum, affine, track_running_stats, device, dtype), so BatchNorm2d(*args) ->
+    BatchInstanceNorm2d(*args) means the same. The BIN-specific arguments are keyword-only, so a
+    positional call written for BatchNorm2d cannot set one of them by mistake:
+        separate_affine: MetaBIN "ver2" (needs affine=True);
+        rho_init: initial rho in [0, 1] (1 = exactly BatchNorm2d);
+        backend: forwarded to fastdg.ops.bin_norm (None = fastest that runs).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, separate_affine: bool = False, rho_init: float = 1.0,
-                 backend: str | None = None, device=None, dtype=None):
+                 track_running_stats: bool = True, device=None, dtype=None, *, separate_affine: bool = False,
+                 rho_init: float = 1.0, backend: str | None = None):
         super().__init__()
         if num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {num_features}")
@@ -97,10 +106,12 @@ class BatchInstanceNorm2d(nn.Module):
             return ("eval" if self.track_running_stats else "hold"), 0.0
         if self.hold or not self.track_running_stats:
             return "hold", 0.0
-        # The counter is a device tensor; reading it only matters for momentum=None.
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
-            return "train", 1.0 / float(self.num_batches_tracked)
+            # Cumulative average: 1 / count as a tensor on the counter's device (BatchNorm2d reads
+            # the counter on the host instead). float64, so the factor rounds once, to the
+            # running statistics' dtype, as BatchNorm2d's Python float does.
+            return "train", self.num_batches_tracked.to(torch.float64).reciprocal()
         return "train", self.momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
