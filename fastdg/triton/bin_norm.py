@@ -19,7 +19,8 @@ channels and a range of HW_PER_PROG spatial positions, which it walks in tiles o
   channels_last: tile [BLOCK_HW, BLOCK_C], element (n, c, hw) at n*L*C + hw*C + c, so
                  each row of the tile is a coalesced run of BLOCK_C channels.
 Grid = (N * cdiv(C, BLOCK_C), SPLIT). SPLIT > 1 cuts the spatial range of a (n, c-block)
-when there are too few of them to fill the GPU: channels_last (256, 64, 56, 56) has only
+when there are too few of them to fill a GPU (a fixed target of 2112 programs, whatever the
+GPU model, so that results do not depend on it): channels_last (256, 64, 56, 56) has only
 256 (n, c-block)s of 64 channels, so each is cut into 9 ranges -> 2304 programs (an H100
 holds ~1000 of them resident). The reductions then write per-range partials (SPLIT, N, C)
 that a small second kernel merges in a fixed order: deterministic, no atomics. With
@@ -45,7 +46,6 @@ torch.compile then work on the CPU too. Nothing is compiled at import.
 """
 # No `from __future__ import annotations`: the launchers' annotations become the operator
 # schemas (torch.library infers them) and must be real types on every supported torch.
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -303,16 +303,15 @@ class Config:
 # GPU: a tile holds ~8 KB (2048 fp32 / 4096 half elements) in 8 warps: two 16-byte loads per
 # thread per tensor. The reductions keep two fp32 accumulators per tile element, so their
 # tiles stay at 2048 elements in every dtype (registers: ~50 per thread, 4-5 programs per SM).
-# At least 16 programs per SM, so enough loads are in flight to stream from HBM. Interpreter
-# (CPU tests): tiny tiles and few programs, so that small test shapes still loop over several
-# tiles, mask partial channel blocks and split the hw range.
-_GPU_TILE_BYTES, _GPU_REDUCE_TILE, _GPU_MAX_BLOCK_C, _GPU_PROGRAMS_PER_SM = 8192, 2048, 128, 16
+# The hw range is split until about _GPU_TARGET_PROGRAMS programs exist: 16 per SM of a 132-SM
+# H100/H200, so enough loads are in flight to stream from HBM. The target is a fixed number,
+# not derived from the device's SM count (as kTargetBlocks in csrc/cuda/bin_norm.cu): the
+# split, and with it the order of the fp32 partial sums, is a function of the shape, dtype and
+# layout only, so results are bitwise the same on every GPU. Interpreter (CPU tests): tiny
+# tiles and few programs, so that small test shapes still loop over several tiles, mask
+# partial channel blocks and split the hw range.
+_GPU_TILE_BYTES, _GPU_REDUCE_TILE, _GPU_MAX_BLOCK_C, _GPU_TARGET_PROGRAMS = 8192, 2048, 128, 16 * 132
 _CPU_TILE, _CPU_MAX_BLOCK_C, _CPU_PROGRAMS = 64, 4, 6
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _layout(x):
@@ -341,16 +340,15 @@ def _choose(N, C, L, tile, max_block_c, target_programs, channels_last):
 
 
 def config(x: torch.Tensor, reduce: bool) -> Config:
-    """Launch configuration for x: a function of its shape, dtype, layout and device only.
-    reduce: for bin_stats / bin_bwd_reduce (else bin_apply / bin_bwd_apply)."""
+    """Launch configuration for x: a function of its shape, dtype, layout and device type only
+    (not of the GPU model). reduce: for bin_stats / bin_bwd_reduce (else bin_apply / bin_bwd_apply)."""
     N, C, H, W = (int(s) for s in x.shape)
     L = H * W
     if C * L >= 2**31:
         raise ValueError(f"one sample of x has {C * L} elements; the kernels index a sample with 32 bits")
     if x.device.type == "cuda":
         tile = _GPU_REDUCE_TILE if reduce else _GPU_TILE_BYTES // x.element_size()
-        target = _GPU_PROGRAMS_PER_SM * _sm_count(x.device.index)
-        return _choose(N, C, L, tile, _GPU_MAX_BLOCK_C, target, _layout(x))
+        return _choose(N, C, L, tile, _GPU_MAX_BLOCK_C, _GPU_TARGET_PROGRAMS, _layout(x))
     return _choose(N, C, L, _CPU_TILE, _CPU_MAX_BLOCK_C, _CPU_PROGRAMS, _layout(x))
 
 
