@@ -393,3 +393,114 @@ def test_op_is_deterministic(dtype, channels_last):
     for k in a[1]:
         assert torch.equal(a[1][k], b[1][k]), k
     assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+# ---- torch.compile, autocast, host syncs ---------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["train", "hold", "eval"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_op_torch_compile_inductor_matches_eager(channels_last, mode):
+    """Inductor, fullgraph: the op (an autograd.Function over the fastdg::bin_* custom ops, with
+    the running statistics updated in place in train mode) compiles and matches eager: loss,
+    gradients of x and of every parameter, running statistics."""
+    shape = (4, 16, 12, 13)
+    x = place(master(shape, 60), torch.float32, channels_last)
+    p, running = params(shape[1], torch.float32, "separate", 61)
+    w = torch.linspace(-1, 2, shape[-1], device=DEV)
+
+    def f(x, rm, rv, **ps):
+        y = bin_norm(x, running_mean=rm, running_var=rv, mode=mode, backend="cuda", **ps)
+        return (y * w).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    results = []
+    for fn in (f, compiled):
+        xx = x.detach().clone().requires_grad_()
+        ps = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+        rm, rv = (t.clone() for t in running)
+        out = fn(xx, rm, rv, **ps)
+        grads = torch.autograd.grad(out, [xx] + list(ps.values()))
+        results.append((out, grads, rm, rv))
+    (o_e, g_e, rm_e, rv_e), (o_c, g_c, rm_c, rv_c) = results
+    assert torch.isfinite(o_c) and rel(o_c, o_e) < 1e-5
+    for name, a, b in zip(["x"] + list(p), g_c, g_e):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-5, name
+    assert_layout(g_c[0], x, channels_last)
+    assert rel(rm_c, rm_e) < 1e-6 and rel(rv_c, rv_e) < 1e-6
+    if mode == "train":  # updated in place by the compiled graph
+        assert rel(rm_c, running[0]) > 1e-3 and rel(rv_c, running[1]) > 1e-3
+    else:
+        assert torch.equal(rm_c, running[0]) and torch.equal(rv_c, running[1])
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_op_under_autocast(dtype, channels_last):
+    """torch.autocast: a conv hands the op x in `dtype` while the parameters and running
+    statistics stay fp32. y and dx come back in `dtype`, parameter gradients and running
+    statistics in fp32, all within 2x the error of the reference under the same autocast."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(62)
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1).to(DEV).to(memory_format=fmt)
+    inp = place(master((4, 3, 14, 15), 63), torch.float32, channels_last)
+    with torch.autocast("cuda", dtype=dtype):
+        x = conv(inp)
+    assert x.dtype == dtype
+    x = x.detach().contiguous(memory_format=fmt)
+    dy = place(master(tuple(x.shape), 64), dtype, channels_last)
+    p, running = params(16, torch.float32, "shared", 65)
+    exact = run("reference", x.double(), {k: v.double() for k, v in p.items()},
+                tuple(t.double() for t in running), "train", dy.double())
+    with torch.autocast("cuda", dtype=dtype):
+        ours = run("cuda", x, p, running, "train", dy)
+        ref = run("reference", x, p, running, "train", dy)
+    y, g, rm, rv = ours
+    assert y.dtype == dtype and g["x"].dtype == dtype and torch.isfinite(y).all()
+    assert_layout(y, x, channels_last)
+    assert all(g[k].dtype == torch.float32 for k in p) and rm.dtype == rv.dtype == torch.float32
+    floor = 1e-5
+    scale = term_scale(x, dy, "train", running)
+    assert rel(y, exact[0]) <= 2 * rel(ref[0], exact[0]) + floor
+    for k in exact[1]:
+        err, ref_err = (grad_err(k, r_[1][k], exact[1][k], scale) for r_ in (ours, ref))
+        assert torch.isfinite(g[k]).all() and err <= 2 * ref_err + floor, (k, err, ref_err)
+    for i in (2, 3):
+        assert rel(ours[i], exact[i]) <= 2 * rel(ref[i], exact[i]) + 1e-7
+    assert rel(rm, running[0]) > 1e-3  # the update happened
+
+
+@pytest.mark.parametrize("momentum", ["float", "tensor"])
+def test_op_step_has_no_host_sync(momentum):
+    """Default checks on CUDA tensors read no values (rho's [0, 1] check runs on the CPU only):
+    a train-mode forward + backward, tensor momentum included, never synchronises."""
+    shape = (8, 32, 14, 14)
+    x = place(master(shape, 66), torch.float32).requires_grad_()
+    dy = place(master(shape, 67), torch.float32)
+    p, (rm, rv) = params(shape[1], torch.float32, "separate", 68)
+    ps = {k: v.requires_grad_() for k, v in p.items()}
+    m = 0.1 if momentum == "float" else torch.tensor(0.1, device=DEV)
+
+    def step():
+        y = bin_norm(x, running_mean=rm, running_var=rv, mode="train", momentum=m, backend="cuda", **ps)
+        return torch.autograd.grad(y, [x] + list(ps.values()), dy)
+
+    step()  # warm-up: loads the extension, caches the backend choice
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t).all() for t in grads)
+
+
+def test_op_checks_rho_on_cuda_only_when_asked():
+    x = place(master((2, 4, 5, 6), 69), torch.float32)
+    p, _ = params(4, torch.float32, "shared", 70)
+    bad = p["rho"].clone()
+    bad[2] = 1.5
+    with pytest.raises(ValueError, match=r"rho must be in \[0, 1\]"):
+        bin_norm(x, p["weight"], p["bias"], bad, mode="hold", backend="cuda", check_inputs=True)
+    y = bin_norm(x, p["weight"], p["bias"], bad, mode="hold", backend="cuda")  # unchecked by default
+    y_r = bin_norm_ref(x, p["weight"], p["bias"], bad, mode="hold")
+    assert rel(y, y_r) < 1e-5
