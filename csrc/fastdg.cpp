@@ -33,6 +33,17 @@ TORCH_LIBRARY(fastdg, m) {
   m.def("group_loss_bwd(Tensor logits, Tensor target, Tensor group, Tensor lse, Tensor group_scale, "
         "float label_smoothing) -> Tensor");
 
+  // The fused eager path (C++ CPU): stats + q update in one call, with a C++ autograd backward
+  // that reads the softmax the forward saved (probs: (N, K) when save_probs, else (0,)).
+  m.def("group_loss_fused(Tensor logits, Tensor target, Tensor group, Tensor q, float eta, float label_smoothing, "
+        "Tensor? adjustment) -> (Tensor robust, Tensor q_new, Tensor group_mean, Tensor counts)");
+  m.def("group_loss_fused_fwd(Tensor logits, Tensor target, Tensor group, Tensor q, float eta, "
+        "float label_smoothing, Tensor? adjustment, bool save_probs) "
+        "-> (Tensor robust, Tensor q_new, Tensor group_mean, Tensor counts, Tensor probs)");
+  // grad_logits[i] = grad * q_new[g_i] / max(counts[g_i], 1) * (probs[i] - smoothed_onehot(target[i])), in dtype.
+  m.def("group_loss_probs_bwd(Tensor probs, Tensor target, Tensor group, Tensor grad, Tensor q_new, "
+        "Tensor counts, float label_smoothing, ScalarType dtype) -> Tensor");
+
   // ---- Batched k-means (METHODS.md section 4) ---------------------------------------------
   // Rows of x (N, D) sorted by group: group g owns rows offsets[g]..offsets[g+1] (offsets (G+1,)
   // int64, on x's device). Centroids/centers are fp32 (fp64 for fp64 x); k (G,) int64 is the

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fastdg import _ext
 from fastdg.ops import group_loss, last_choice
-from fastdg.ops.group_loss import TorchKernels, _FromLogits
+from fastdg.ops.group_loss import TorchKernels, _CompiledKernels, _FromLogits
 from fastdg.reference.group_loss import group_loss_ref
 
 HAS_CPP = _ext.has_kernel("group_loss_stats", "CPU")
@@ -98,6 +98,98 @@ def test_gradcheck_float64():
                                                                 None)[0], (z,))
 
 
+def _kernel_set_paths():
+    """Every way a loss from logits is computed: the public op per backend, and the autograd.Function
+    over each kernel set (what torch.compile and the all-reduce path run)."""
+    paths = {f"op-{b}": (lambda b: lambda z, y, g, q, eta, ls: group_loss(z, y, g, q, eta=eta, label_smoothing=ls,
+                                                                         backend=b).loss)(b) for b in BACKENDS}
+    sets = {"torch": TorchKernels, **({"cpp": _CompiledKernels} if HAS_CPP else {})}
+    for name, ks in sets.items():
+        paths[f"function-{name}"] = (lambda ks: lambda z, y, g, q, eta, ls: _FromLogits.apply(
+            z, y, g, q, eta, ls, None, ks, None)[0])(ks)
+    return paths
+
+
+@pytest.mark.parametrize("path", list(_kernel_set_paths()))
+def test_gradgradcheck_float64(path):
+    """Second derivatives (create_graph): the softmax Jacobian must be part of the Hessian. eta = 0
+    keeps q' constant, as the maths treats it (L_g is detached in the q update)."""
+    fn = _kernel_set_paths()[path]
+    z, y, grp, q = make(12, 5, 3, seed=4)
+    z.requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda z: fn(z, y, grp, q.double(), 0.0, 0.1), (z,))
+    # and the Hessian-vector product against the reference's
+    v = torch.randn_like(z)
+    (g1,) = torch.autograd.grad(fn(z, y, grp, q.double(), 0.0, 0.1), z, create_graph=True)
+    (h1,) = torch.autograd.grad((g1 * v).sum(), z)
+    ref = group_loss_ref(z, y, grp, q.double(), eta=0.0, label_smoothing=0.1).loss
+    (g2,) = torch.autograd.grad(ref, z, create_graph=True)
+    (h2,) = torch.autograd.grad((g2 * v).sum(), z)
+    torch.testing.assert_close(h1, h2)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_cpp_kernel_set_path_matches_reference(ls):
+    """The autograd.Function over the C++ kernel set (torch.compile, all-reduce) = the fused op = reference."""
+    z, y, grp, q = make(61, 9, 5, seed=7, empty=(2,))
+    z.requires_grad_()
+    adj = torch.rand(5, dtype=torch.float64)
+    ref = group_loss_ref(z, y, grp, q, eta=0.2, label_smoothing=ls, adjustment=adj)
+    loss, q_new, mean, counts = _FromLogits.apply(z, y, grp, q, 0.2, ls, adj, _CompiledKernels, None)
+    fused = group_loss(z, y, grp, q, eta=0.2, label_smoothing=ls, adjustment=adj, backend="cpp")
+    for out in ((loss, q_new, mean), (fused.loss, fused.q, fused.group_loss)):
+        torch.testing.assert_close(out[0], ref.loss)
+        torch.testing.assert_close(out[1].to(ref.q.dtype), ref.q)
+        torch.testing.assert_close(out[2], ref.group_loss)
+    gref, = torch.autograd.grad(ref.loss * 1.7, z)  # a non-unit upstream gradient
+    for l in (loss, fused.loss):
+        g, = torch.autograd.grad(l * 1.7, z)
+        torch.testing.assert_close(g, gref)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+def test_cpp_fused_op_registration_and_inference():
+    z, y, grp, q = make(40, 6, 4, seed=8, dtype=torch.float32)
+    ops = torch.ops.fastdg
+    args = (z, y, grp, q, 0.1, 0.1, None)
+    for op, a in {"group_loss_fused": args, "group_loss_fused_fwd": args + (True,)}.items():
+        torch.library.opcheck(getattr(ops, op).default, a,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    zr = z.clone().requires_grad_()
+    torch.library.opcheck(ops.group_loss_fused.default, (zr,) + args[1:],
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_static"))
+    robust, q_new, mean, counts, probs = ops.group_loss_fused_fwd(*args, True)
+    torch.testing.assert_close(probs, torch.softmax(z, 1))
+    grad = ops.group_loss_probs_bwd(probs, y, grp, torch.tensor(2.0), q_new, counts, 0.1, torch.bfloat16)
+    ref = TorchKernels.bwd(z.double(), y, grp, torch.logsumexp(z.double(), 1),
+                           2.0 * q_new.double() / counts.double().clamp_min(1), 0.1)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), ref, rtol=1e-2, atol=1e-3)
+    torch.library.opcheck(ops.group_loss_probs_bwd.default,
+                          (probs, y, grp, torch.tensor(2.0), q_new, counts, 0.1, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+    # No softmax is kept when nothing needs a backward (no_grad, inference mode, no requires_grad).
+    with torch.inference_mode():
+        out = group_loss(z, y, grp, q, eta=0.1, backend="cpp")
+    torch.testing.assert_close(out.loss, group_loss_ref(z, y, grp, q, eta=0.1).loss)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
+def test_cpp_kernels_reject_bad_ids_on_direct_calls():
+    z, y, grp, q = make(10, 4, 3, dtype=torch.float32)
+    losses, lse, sums, counts = torch.ops.fastdg.group_loss_stats(z, y, grp, 3, 0.0)
+    with pytest.raises(RuntimeError, match="group id 3 out of range"):
+        torch.ops.fastdg.group_loss_bwd(z, y, grp.clamp_min(3), lse, torch.ones(3), 0.0)
+    with pytest.raises(RuntimeError, match="target 4 out of range"):
+        torch.ops.fastdg.group_loss_bwd(z, y.clamp_min(4), grp, lse, torch.ones(3), 0.0)
+    probs = torch.softmax(z, 1)
+    with pytest.raises(RuntimeError, match="group id 3 out of range"):
+        torch.ops.fastdg.group_loss_probs_bwd(probs, y, grp.clamp_min(3), torch.tensor(1.0), q, counts, 0.0,
+                                              torch.float32)
+
+
 @pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpp_low_precision_and_opcheck(dtype):
@@ -122,10 +214,20 @@ def test_nonfinite_loss_never_poisons_q(backend):
     z[0, 0] = float("nan")
     with pytest.raises(ValueError, match="input contains NaN"):
         group_loss(z, y, grp, q, backend=backend)
-    if backend == "reference":
-        return  # the reference is the plain maths; the guard lives in the fused path
     out = group_loss(z, y, grp, q, check_inputs=False, backend=backend)
     assert torch.equal(out.q, q) and not torch.isfinite(out.loss)
+    # A non-finite adjustment (the q update alone) must not reach q either, nor all-zero weights.
+    z, y, grp, q = make(20, 4, 3)
+    for adj in (torch.tensor([0.0, float("inf"), 0.0]), torch.tensor([float("nan"), 0.0, 0.0])):
+        out = group_loss(z, y, grp, q, adjustment=adj, check_inputs=False, backend=backend)
+        assert torch.equal(out.q, q)
+    zero = torch.zeros(3)
+    out = group_loss(z, y, grp, zero, check_inputs=False, backend=backend)
+    assert torch.equal(out.q, zero)
+    # A zero weight is legal and stays zero (log 0 = -inf is not a poisoned weight).
+    q0 = torch.tensor([0.0, 0.5, 0.5])
+    out = group_loss(z, y, grp, q0, eta=0.1, backend=backend)
+    assert out.q[0] == 0 and abs(float(out.q.sum()) - 1) < 1e-6
 
 
 def test_q_stays_normalised_for_long_runs():
@@ -143,8 +245,12 @@ def test_bad_inputs():
         group_loss(z, y + 4, grp, q)
     with pytest.raises(ValueError, match=r"target must have shape \(10,\)"):
         group_loss(z, y[:5], grp, q)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         group_loss(z, y, grp, q, eta=-1.0)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        group_loss(z, y, grp, q, eta=float("inf"))  # inf * 0 (an empty group) is NaN
+    with pytest.raises(ValueError, match="adjustment contains"):
+        group_loss(z, y, grp, q, adjustment=torch.tensor([0.0, float("inf"), 0.0]))
     with pytest.raises(TypeError, match="group must have dtype"):
         group_loss(z, y, grp.float(), q)
     with pytest.raises(ValueError, match="per-sample losses"):
@@ -194,6 +300,19 @@ def _check_float_kernels(K, dtype, ls, extreme):
     err = (grad.double() - ref).abs()
     bound = 2 * (low.double() - ref).abs().max() + 1e-6
     assert (err <= bound).all(), (err.max().item(), bound.item())
+    # The fused eager path: the forward's saved softmax and the backward that reads it.
+    q = torch.full((G,), 1.0 / G)
+    robust, q_new, mean, _, probs = torch.ops.fastdg.group_loss_fused_fwd(z, y, grp, q, 0.0, ls, None, True)
+    p64, p32 = torch.softmax(zd, 1), torch.softmax(zf, 1)
+    assert _rel(probs, p64) <= 2 * _rel(p32, p64) + 1e-7
+    assert _rel(robust, (r64[2] / r64[3].clamp_min(1) / G).sum()) <= 1e-6
+    counts = torch.bincount(grp, minlength=G).float()
+    grad = torch.ops.fastdg.group_loss_probs_bwd(probs, y, grp, torch.tensor(1.5), q_new, counts, ls, z.dtype)
+    scale = 1.5 * q / counts.clamp_min(1)
+    ref = TorchKernels.bwd(zd, y, grp, r64[1], scale.double(), ls)
+    low = TorchKernels.bwd(zf, y, grp, r32[1], scale, ls).to(dtype)
+    assert grad.dtype == z.dtype and torch.isfinite(grad).all()
+    assert _rel(grad, ref) <= 2 * _rel(low, ref) + 1e-7
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="fastdg._C has no CPU group-loss kernels")

@@ -376,6 +376,23 @@ def test_nonfinite_loss_never_poisons_q():
     losses[3] = float("inf")
     out = group_loss(losses, None, grp, q, check_inputs=False, backend="triton")
     assert torch.equal(out.q, q) and not torch.isfinite(out.loss)
+    # The q update alone: a non-finite adjustment or all-zero weights leave q as it was, in both
+    # the one-chunk and the chunked (G > BLOCK_G) kernel; a zero weight stays zero.
+    z, y, grp, q = make(20, 4, 3)
+    z = z.float()
+    for G in (3, 3000):
+        qG = torch.full((G,), 1.0 / G, device=DEVICE)
+        for adj_bad in (float("inf"), float("nan")):
+            adj = torch.zeros(G, device=DEVICE)
+            adj[1] = adj_bad
+            out = group_loss(z, y, grp, qG, adjustment=adj, check_inputs=False, backend="triton")
+            assert torch.equal(out.q, qG)
+        zero = torch.zeros(G, device=DEVICE)
+        assert torch.equal(group_loss(z, y, grp, zero, check_inputs=False, backend="triton").q, zero)
+        q0 = qG.clone()
+        q0[0] = 0
+        out = group_loss(z, y, grp, q0 / q0.sum(), eta=0.1, backend="triton")
+        assert out.q[0] == 0 and abs(float(out.q.sum()) - 1) < 1e-5
 
 
 def test_out_of_range_ids_make_the_step_non_finite():

@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -28,7 +29,7 @@
 #endif
 #if defined(__x86_64__)
 #define FASTDG_GL_X86 1
-#define FASTDG_GL_AVX2 __attribute__((target("avx2,fma")))
+#include <immintrin.h>
 #endif
 #define FASTDG_GL_INLINE inline __attribute__((always_inline))
 // The 8-float vectors are passed by value only between inlined helpers: no ABI crosses a call.
@@ -38,118 +39,40 @@ namespace fastdg {
 namespace {
 
 // ---- float row loops ---------------------------------------------------------------------
+// group_loss_rows.h is compiled twice: for the baseline ISA, and for AVX2+FMA with FMA
+// intrinsics in exp (GCC's vector extensions alone made that exp ~4x slower). Picked at run time.
 
-typedef float v8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
-constexpr int kW = 8;
+namespace base {
+#define FASTDG_GL_FMA 0
+#include "group_loss_rows.h"
+#undef FASTDG_GL_FMA
+}  // namespace base
 
-FASTDG_GL_INLINE v8 splat(float v) { return v8{v, v, v, v, v, v, v, v}; }
-
-FASTDG_GL_INLINE v8 loadu(const float* p) {
-  v8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-FASTDG_GL_INLINE void storeu(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// exp(x) for x <= 0 (softmax arguments: z - max, z - lse), 8 lanes. x = n ln2 + r with
-// |r| <= ln2 / 2 (Cody-Waite split of ln2), exp(r) by its degree-7 Taylor polynomial (truncation
-// < 1e-8 relative), 2^n from the exponent bits. Below ln(FLT_MIN) the result is 0 (a term that
-// small cannot change a softmax sum); NaN stays NaN, since every clamp is a select that a NaN
-// fails; x > 0 is clamped to 0 (callers never pass it).
-FASTDG_GL_INLINE v8 exp_neg(v8 x) {
-  const v8 lo = splat(-87.33654475f);
-  x = x > splat(0.0f) ? splat(0.0f) : x;
-  const v8 under = x < lo ? splat(1.0f) : splat(0.0f);
-  x = x < lo ? lo : x;
-  const v8 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8 n = (x * splat(1.44269504089f) + magic) - magic;
-  v8 r = x - n * splat(0.693359375f);
-  r = r - n * splat(-2.12194440e-4f);
-  v8 p = splat(1.0f / 5040);
-  p = p * r + splat(1.0f / 720);
-  p = p * r + splat(1.0f / 120);
-  p = p * r + splat(1.0f / 24);
-  p = p * r + splat(1.0f / 6);
-  p = p * r + splat(0.5f);
-  p = p * r + splat(1.0f);
-  p = p * r + splat(1.0f);
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  v8 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const v8 out = p * scale;
-  return under > splat(0.5f) ? splat(0.0f) : out;
-}
-
-FASTDG_GL_INLINE float exp_neg1(float x) { return exp_neg(splat(x))[0]; }
-
-FASTDG_GL_INLINE float hsum(v8 v) {  // fixed pairwise order
-  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
-
-FASTDG_GL_INLINE float hmax(v8 v) {
-  float m = v[0];
-  for (int j = 1; j < kW; ++j) m = v[j] > m ? v[j] : m;
-  return m;
-}
-
-// max_k z, sum_k z, sum_k exp(z - max) of one row.
-FASTDG_GL_INLINE void row_stats_impl(const float* z, int64_t K, float* m_out, float* zsum_out, float* s_out) {
-  const float ninf = -std::numeric_limits<float>::infinity();
-  v8 vm = splat(ninf), vs = splat(0.0f);
-  int64_t k = 0;
-  for (; k + kW <= K; k += kW) {
-    const v8 v = loadu(z + k);
-    vm = v > vm ? v : vm;
-    vs += v;
-  }
-  float m = hmax(vm), zsum = hsum(vs);
-  for (; k < K; ++k) {
-    m = z[k] > m ? z[k] : m;
-    zsum += z[k];
-  }
-  v8 ve = splat(0.0f);
-  const v8 vmax = splat(m);
-  for (k = 0; k + kW <= K; k += kW) ve += exp_neg(loadu(z + k) - vmax);
-  float se = hsum(ve);
-  for (; k < K; ++k) se += exp_neg1(z[k] - m);
-  *m_out = m;
-  *zsum_out = zsum;
-  *s_out = se;
-}
-
-// out_k = scale * (exp(z_k - lse) - off) for every k (the caller fixes the target column).
-FASTDG_GL_INLINE void row_grad_impl(const float* z, int64_t K, float lse, float scale, float off, float* out) {
-  const v8 vl = splat(lse), vs = splat(scale), vo = splat(off);
-  int64_t k = 0;
-  for (; k + kW <= K; k += kW) storeu(out + k, vs * (exp_neg(loadu(z + k) - vl) - vo));
-  for (; k < K; ++k) out[k] = scale * (exp_neg1(z[k] - lse) - off);
-}
-
-void row_stats_base(const float* z, int64_t K, float* m, float* zs, float* s) { row_stats_impl(z, K, m, zs, s); }
-void row_grad_base(const float* z, int64_t K, float l, float sc, float off, float* out) {
-  row_grad_impl(z, K, l, sc, off, out);
-}
 #ifdef FASTDG_GL_X86
-FASTDG_GL_AVX2 void row_stats_avx2(const float* z, int64_t K, float* m, float* zs, float* s) {
-  row_stats_impl(z, K, m, zs, s);
-}
-FASTDG_GL_AVX2 void row_grad_avx2(const float* z, int64_t K, float l, float sc, float off, float* out) {
-  row_grad_impl(z, K, l, sc, off, out);
-}
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define FASTDG_GL_FMA 1
+#include "group_loss_rows.h"
+#undef FASTDG_GL_FMA
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
 
 struct RowLoops {
-  void (*stats)(const float*, int64_t, float*, float*, float*) = &row_stats_base;
-  void (*grad)(const float*, int64_t, float, float, float, float*) = &row_grad_base;
+  void (*stats)(const float*, int64_t, float*, float*, float*) = &base::row_stats;
+  void (*grad)(const float*, int64_t, float, float, float, float*) = &base::row_grad;
+  void (*probs)(const float*, int64_t, float*, float*, float*, float*) = &base::row_probs;
+  void (*probs_grad)(const float*, int64_t, float, float, float*) = &base::row_probs_grad;
   RowLoops() {
 #ifdef FASTDG_GL_X86
     // FASTDG_CPU_BASELINE=1 keeps the baseline loops (so tests can exercise them on AVX2 hosts).
     const char* baseline = std::getenv("FASTDG_CPU_BASELINE");
     if (!(baseline && baseline[0] == '1') && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-      stats = &row_stats_avx2;
-      grad = &row_grad_avx2;
+      stats = &avx2::row_stats;
+      grad = &avx2::row_grad;
+      probs = &avx2::row_probs;
+      probs_grad = &avx2::row_probs_grad;
     }
 #endif
   }
@@ -189,6 +112,18 @@ inline void row_stats(const double* z, int64_t K, std::vector<float>&, double* m
   *m_out = m;
   *zsum_out = zsum;
   *s_out = s;
+}
+
+// row_stats that also writes the row's softmax to p (fp32 for float rows, fp64 for fp64 rows).
+template <typename scalar_t>
+void row_probs(const scalar_t* z, int64_t K, std::vector<float>& buf, float* m, float* zsum, float* s, float* p) {
+  RowLoops::get().probs(float_row(z, K, buf), K, m, zsum, s, p);
+}
+
+inline void row_probs(const double* z, int64_t K, std::vector<float>& buf, double* m, double* zsum, double* s,
+                      double* p) {
+  row_stats(z, K, buf, m, zsum, s);
+  for (int64_t k = 0; k < K; ++k) p[k] = std::exp(z[k] - *m) / *s;
 }
 
 // One row of the backward: o_k = scale * (exp(z_k - lse) - target_k), target_k = off (+ hit at y).
@@ -260,9 +195,11 @@ std::tuple<at::Tensor, at::Tensor> segmented_sums(int64_t n, const int64_t* gp, 
   return {sums, counts};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_stats_cpu(
+// The forward pass over the logits; when `probs` is defined ((N, K) in the accumulation dtype) it
+// also receives each row's softmax.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_impl(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& group_in, int64_t num_groups,
-    double label_smoothing) {
+    double label_smoothing, const at::Tensor& probs) {
   TORCH_CHECK(logits_in.dim() == 2, "fastdg: logits must be (N, K)");
   const auto logits = logits_in.contiguous();
   const auto target = target_in.contiguous();
@@ -282,6 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_stats_cpu(
     acc_t* lp = losses.mutable_data_ptr<acc_t>();
     acc_t* ep = lse.mutable_data_ptr<acc_t>();
     const acc_t ls = static_cast<acc_t>(label_smoothing);
+    acc_t* pp = probs.defined() ? probs.mutable_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
       std::vector<float> buf;
       for (int64_t i = i0; i < i1; ++i) {
@@ -289,7 +227,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_stats_cpu(
         const int64_t y = yp[i];
         TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
         acc_t m, zsum, s;
-        row_stats(z, K, buf, &m, &zsum, &s);
+        if (pp != nullptr) {
+          row_probs(z, K, buf, &m, &zsum, &s, pp + i * K);
+        } else {
+          row_stats(z, K, buf, &m, &zsum, &s);
+        }
         const acc_t l = m + std::log(s);
         ep[i] = l;
         // CE with smoothing: (1-ls) (lse - z_y) + ls (lse - mean_k z_k). Without smoothing the
@@ -302,6 +244,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_stats_cpu(
                                                    [&](int64_t i) { return lp[i]; });
   });
   return {losses, lse, sums, counts};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_stats_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& group, int64_t num_groups,
+    double label_smoothing) {
+  return stats_impl(logits, target, group, num_groups, label_smoothing, at::Tensor());
 }
 
 std::tuple<at::Tensor, at::Tensor> group_loss_sums_cpu(const at::Tensor& losses_in, const at::Tensor& group_in,
@@ -348,8 +296,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_q_update_cpu(const at::Tens
       // Empty groups keep their weight: their exponent is 0 (adjustment included).
       const acc_t step = cp[g] > 0 ? mp[g] + (ap ? ap[g] : acc_t(0)) : acc_t(0);
       out[g] = std::log(qp[g]) + static_cast<acc_t>(eta) * step;  // log space: no overflow
+      // -inf is a zero weight (it stays 0); NaN or +inf would poison every weight.
+      finite = finite && out[g] < std::numeric_limits<acc_t>::infinity();
       hi = std::max(hi, out[g]);
     }
+    finite = finite && hi > -std::numeric_limits<acc_t>::infinity();  // not every weight zero
     acc_t total = 0;
     for (int64_t g = 0; g < G; ++g) {
       out[g] = std::exp(out[g] - hi);
@@ -373,6 +324,10 @@ at::Tensor group_loss_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& tar
   const auto lse = lse_in.contiguous();
   const int64_t n = logits.size(0), K = logits.size(1);
   const auto scale = scale_in.to(lse.scalar_type()).contiguous();
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n && lse.dim() == 1 && lse.size(0) == n,
+              "fastdg: target and lse must be (N,)");
+  const int64_t G = scale.numel();
+  check_rows(group, n, G);
   auto grad = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "group_loss_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -387,10 +342,12 @@ at::Tensor group_loss_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& tar
     at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
       std::vector<float> buf, row;
       for (int64_t i = i0; i < i1; ++i) {
-        const acc_t s = sp[gp[i]], l = ep[i];
+        const int64_t y = yp[i], g = gp[i];
+        TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
+        TORCH_CHECK(g >= 0 && g < G, "fastdg: group id ", g, " out of range [0, ", G, ")");
+        const acc_t s = sp[g], l = ep[i];
         const scalar_t* z = zp + i * K;
         scalar_t* o = out + i * K;
-        const int64_t y = yp[i];
         row_grad(z, K, y, l, s, off, hit, o, buf, row);
       }
     });
@@ -398,9 +355,162 @@ at::Tensor group_loss_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& tar
   return grad;
 }
 
+// ---- the fused eager op: one call forward (CE + sums + q update), the backward in C++ ----------
+// Python's autograd.Function and the small ops around three kernels cost more than the kernels
+// at DomainBed sizes (1024 x 65: ~40 us of ~90), so eager CPU calls go through this op: one
+// dispatch forward, one backward that reads the saved softmax (no second exp).
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_fused_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& group, const at::Tensor& q, double eta,
+    double label_smoothing, const std::optional<at::Tensor>& adjustment, bool save_probs) {
+  TORCH_CHECK(logits.dim() == 2, "fastdg: logits must be (N, K)");
+  TORCH_CHECK(q.dim() == 1 && q.numel() >= 1, "fastdg: q must be (G,) with G >= 1");
+  const auto acc = logits.options().dtype(acc_type(logits));
+  at::Tensor probs = save_probs ? at::empty(logits.sizes(), acc) : at::empty({0}, acc);
+  auto [losses, lse, sums, counts] =
+      stats_impl(logits, target, group, q.numel(), label_smoothing, save_probs ? probs : at::Tensor());
+  auto [q_new, mean, robust] = group_q_update_cpu(q, sums, counts, eta, adjustment);
+  return {robust, q_new, mean, counts, probs};
+}
+
+// Rows of out = scale[g_i] * (p_i - off) - scale[g_i] * hit at the target column.
+template <typename acc_t, typename out_t>
+void probs_grad_rows(const acc_t* pp, const int64_t* yp, const int64_t* gp, const acc_t* scale, int64_t n, int64_t K,
+                     int64_t G, acc_t off, acc_t hit, out_t* op) {
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<acc_t> row;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t y = yp[i], g = gp[i];
+      TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
+      TORCH_CHECK(g >= 0 && g < G, "fastdg: group id ", g, " out of range [0, ", G, ")");
+      const acc_t sc = scale[g];
+      const acc_t* p = pp + i * K;
+      acc_t* o;  // the output row itself when it has the accumulation dtype
+      if constexpr (std::is_same_v<out_t, acc_t>) {
+        o = op + i * K;
+      } else {
+        row.resize(static_cast<size_t>(K));
+        o = row.data();
+      }
+      if constexpr (std::is_same_v<acc_t, float>) {
+        RowLoops::get().probs_grad(p, K, sc, off, o);
+      } else {
+        for (int64_t k = 0; k < K; ++k) o[k] = sc * (p[k] - off);
+      }
+      o[y] -= sc * hit;
+      if constexpr (!std::is_same_v<out_t, acc_t>) {
+        for (int64_t k = 0; k < K; ++k) op[i * K + k] = static_cast<out_t>(o[k]);
+      }
+    }
+  });
+}
+
+// grad_logits[i] = s[g_i] * (probs[i] - smoothed_onehot(target[i])), s = grad * q_new / max(counts, 1).
+at::Tensor group_loss_probs_bwd_cpu(const at::Tensor& probs_in, const at::Tensor& target_in,
+                                    const at::Tensor& group_in, const at::Tensor& grad, const at::Tensor& q_new,
+                                    const at::Tensor& counts, double label_smoothing, at::ScalarType dtype) {
+  TORCH_CHECK(probs_in.dim() == 2, "fastdg: probs must be (N, K)");
+  const auto probs = probs_in.contiguous();
+  const auto target = target_in.contiguous();
+  const auto group = group_in.contiguous();
+  const int64_t n = probs.size(0), K = probs.size(1), G = q_new.numel();
+  check_rows(group, n, G);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n, "fastdg: target must be (N,)");
+  TORCH_CHECK(counts.numel() == G && grad.numel() == 1, "fastdg: counts must be (G,), grad a scalar");
+  auto out = at::empty({n, K}, probs.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(probs.scalar_type(), "group_loss_probs_bwd_cpu", [&] {
+    using acc_t = scalar_t;
+    // G weights: the per-group scale is computed once, on the host (CPU tensors: no sync).
+    const auto qn = q_new.to(probs.scalar_type()).contiguous();
+    const auto cn = counts.to(probs.scalar_type()).contiguous();
+    const acc_t gr = grad.item<acc_t>();
+    std::vector<acc_t> scale(static_cast<size_t>(G));
+    for (int64_t g = 0; g < G; ++g)
+      scale[g] = gr * qn.const_data_ptr<acc_t>()[g] / std::max(cn.const_data_ptr<acc_t>()[g], acc_t(1));
+    const acc_t* pp = probs.const_data_ptr<acc_t>();
+    const int64_t* yp = target.const_data_ptr<int64_t>();
+    const int64_t* gp = group.const_data_ptr<int64_t>();
+    const acc_t off = static_cast<acc_t>(label_smoothing) / static_cast<acc_t>(K);
+    const acc_t hit = acc_t(1) - static_cast<acc_t>(label_smoothing);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "group_loss_probs_bwd_out", [&] {
+      probs_grad_rows<acc_t, scalar_t>(pp, yp, gp, scale.data(), n, K, G, off, hit, out.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return out;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The kernels are reached through the dispatcher, so that FakeTensor tracing (opcheck, AOT)
+// sees their registered fake implementations instead of running them.
+class GroupLossFused : public torch::autograd::Function<GroupLossFused> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               const at::Tensor& group, const at::Tensor& q, double eta, double label_smoothing,
+                               const std::optional<at::Tensor>& adjustment, bool save_probs) {
+    static auto fwd = c10::Dispatcher::singleton()
+                          .findSchemaOrThrow("fastdg::group_loss_fused_fwd", "")
+                          .typed<decltype(group_loss_fused_fwd_cpu)>();
+    auto [robust, q_new, mean, counts, probs] =
+        fwd.call(logits, target, group, q, eta, label_smoothing, adjustment, save_probs);
+    ctx->save_for_backward({logits, target, group, q_new, counts, probs});
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->mark_non_differentiable({q_new, mean, counts});
+    return {robust, q_new, mean, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &logits = saved[0], &target = saved[1], &group = saved[2], &q_new = saved[3],
+                     &counts = saved[4], &probs = saved[5];
+    const double ls = ctx->saved_data["label_smoothing"].toDouble();
+    at::Tensor dz;
+    if (at::GradMode::is_enabled() || probs.numel() != logits.numel()) {
+      // create_graph (or no saved softmax): the formula in differentiable ATen ops, recomputed
+      // from the logits so that second derivatives include the softmax Jacobian.
+      const auto acc = acc_type(logits);
+      const auto p = at::softmax(logits.to(acc), 1);
+      const int64_t K = logits.size(1);
+      const auto onehot = at::one_hot(target, K).to(acc) * (1.0 - ls) + ls / static_cast<double>(K);
+      const auto scale = grads[0].to(acc) * q_new.to(acc) / counts.to(acc).clamp_min(1);
+      dz = ((p - onehot) * scale.index_select(0, group).unsqueeze(1)).to(logits.scalar_type());
+    } else {
+      static auto bwd = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("fastdg::group_loss_probs_bwd", "")
+                            .typed<decltype(group_loss_probs_bwd_cpu)>();
+      dz = bwd.call(probs, target, group, grads[0], q_new, counts, ls, logits.scalar_type());
+    }
+    return {dz, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_fused_autograd(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& group, const at::Tensor& q, double eta,
+    double label_smoothing, const std::optional<at::Tensor>& adjustment) {
+  // Decided here: inside forward() grad mode is off. Without a backward there is nothing to save.
+  const bool save_probs = at::GradMode::is_enabled() && logits.requires_grad();
+  auto out = GroupLossFused::apply(logits, target, group, q, eta, label_smoothing, adjustment, save_probs);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// Below autograd (inference mode): the forward alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_loss_fused_cpu(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& group, const at::Tensor& q, double eta,
+    double label_smoothing, const std::optional<at::Tensor>& adjustment) {
+  auto [robust, q_new, mean, counts, probs] =
+      group_loss_fused_fwd_cpu(logits, target, group, q, eta, label_smoothing, adjustment, false);
+  return {robust, q_new, mean, counts};
+}
+
 }  // namespace
 
+TORCH_LIBRARY_IMPL(fastdg, AutogradCPU, m) { m.impl("group_loss_fused", &group_loss_fused_autograd); }
+
 TORCH_LIBRARY_IMPL(fastdg, CPU, m) {
+  m.impl("group_loss_fused", &group_loss_fused_cpu);
+  m.impl("group_loss_fused_fwd", &group_loss_fused_fwd_cpu);
+  m.impl("group_loss_probs_bwd", &group_loss_probs_bwd_cpu);
   m.impl("group_loss_stats", &group_loss_stats_cpu);
   m.impl("group_loss_sums", &group_loss_sums_cpu);
   m.impl("group_q_update", &group_q_update_cpu);

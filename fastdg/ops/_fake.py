@@ -53,4 +53,16 @@ def register():
 
     @lib.register_fake("fastdg::group_loss_bwd")
     def _(logits, target, group, lse, group_scale, label_smoothing):
-        return torch.empty_like(logits)
+        return logits.new_empty(logits.shape)  # the kernels write a contiguous gradient
+
+    @lib.register_fake("fastdg::group_loss_fused_fwd")
+    def _(logits, target, group, q, eta, label_smoothing, adjustment, save_probs):
+        acc = _stat_dtype(logits)
+        G = q.shape[0]
+        probs = logits.new_empty(logits.shape if save_probs else (0,), dtype=acc)
+        return (logits.new_empty((), dtype=acc), logits.new_empty(G, dtype=acc), logits.new_empty(G, dtype=acc),
+                logits.new_empty(G, dtype=acc), probs)
+
+    @lib.register_fake("fastdg::group_loss_probs_bwd")
+    def _(probs, target, group, grad, q_new, counts, label_smoothing, dtype):
+        return probs.new_empty(probs.shape, dtype=dtype)

@@ -19,6 +19,8 @@ loss becomes non-finite, so the caller sees it) rather than poisoning q for ever
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _dispatch
@@ -50,9 +52,7 @@ class TorchKernels:
 
     @staticmethod
     def q_update(q, sums, counts, eta, adjustment):
-        q_new, mean = q_update_ref(q, sums, counts, eta, adjustment)
-        ok = torch.isfinite(mean).all()
-        q_new = torch.where(ok, q_new, q.to(q_new.dtype))
+        q_new, mean = q_update_ref(q, sums, counts, eta, adjustment)  # guarded: NaN keeps q
         return q_new, mean, (q_new * mean).sum()
 
     @staticmethod
@@ -120,7 +120,10 @@ class _FromLogits(torch.autograd.Function):
     def backward(ctx, grad, *_):
         logits, target, group, lse, q_new, counts = ctx.saved_tensors
         scale = _scale(grad.to(q_new.dtype), q_new, counts)
-        if torch.is_grad_enabled():  # create_graph: the torch formula is differentiable
+        if torch.is_grad_enabled():
+            # create_graph: the torch formula, with the log-sum-exp recomputed from the logits (the
+            # saved one carries no graph, and the softmax Jacobian would drop out of the Hessian).
+            lse = torch.logsumexp(logits.to(lse.dtype), 1)
             dz = TorchKernels.bwd(logits, target, group, lse, scale, ctx.label_smoothing)
         else:
             dz = ctx.kernels.bwd(logits, target, group, lse, scale, ctx.label_smoothing)
@@ -163,6 +166,11 @@ def group_loss(input, target, group, q, *, eta=0.01, label_smoothing=0.0, adjust
     """
     _check(input, target, group, q, eta, label_smoothing, adjustment, check_inputs)
     choice = _dispatch.choose(OP, CANDIDATES, backend, input)
+    if choice.backend == "cpp" and target is not None and reduce_fn is None and not _dispatch._compiling():
+        # Eager CPU: one fused op with its backward in C++ (torch.compile traces the kernel set below).
+        loss, q_new, mean, counts = torch.ops.fastdg.group_loss_fused(input, target, group, q, float(eta),
+                                                                      float(label_smoothing), adjustment)
+        return GroupLossOutput(loss, q_new if q_new.dtype == q.dtype else q_new.to(q.dtype), mean, counts)
     if choice.backend == "reference":
         if reduce_fn is not None:
             kernels = TorchKernels
@@ -198,8 +206,8 @@ def _check(input, target, group, q, eta, label_smoothing, adjustment, check_inpu
         raise ValueError("q must hold one weight per group (G >= 1)")
     V.tensor("adjustment", adjustment, dim=1, dtypes=V.FLOATS, device=dev, allow_none=True)
     V.shape("adjustment", adjustment, q.shape)
-    if not (eta >= 0):
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not (0 <= eta < math.inf):  # inf * 0 (an empty group) would be NaN in every weight
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if target is not None and label_smoothing > 0 and input.shape[1] < 2:
@@ -210,5 +218,7 @@ def _check(input, target, group, q, eta, label_smoothing, adjustment, check_inpu
             V.ids_in_range("target", target, input.shape[1])
         V.finite("input", input)
         V.finite("q", q)
+        if adjustment is not None:
+            V.finite("adjustment", adjustment)
         if bool((q < 0).any()):
             raise ValueError("q must be non-negative weights")

@@ -4,6 +4,7 @@ The oracle and fallback of fastdg.ops.group_loss. Differentiable end to end thro
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -24,12 +25,17 @@ def per_sample_loss(logits, target, label_smoothing=0.0):
 
 def q_update_ref(q, sums, counts, eta, adjustment=None):
     """q_new = normalise(q * exp(eta * (L_g + adj_g))) for non-empty groups, in log space so
-    the weights can neither overflow nor underflow to all-zero. Returns (q_new, L)."""
+    the weights can neither overflow nor underflow to all-zero. Returns (q_new, L).
+
+    A non-finite group mean or log-weight (NaN loss, infinite adjustment) leaves q as it was,
+    decided on the device (no host read): one bad batch must not poison every later step."""
     mean = sums / counts.clamp_min(1)
     step = mean if adjustment is None else mean + adjustment.to(mean.dtype)
     step = torch.where(counts > 0, step, torch.zeros_like(step))  # empty groups keep their weight
     logq = torch.log(q.to(mean.dtype)) + eta * step
-    return torch.softmax(logq, 0), mean
+    # -inf is a zero weight and stays one; NaN, +inf or all weights zero would poison the softmax.
+    ok = torch.isfinite(mean).all() & (logq < math.inf).all() & (logq.max() > -math.inf)
+    return torch.where(ok, torch.softmax(logq, 0), q.to(mean.dtype)), mean
 
 
 def group_loss_ref(input, target, group, q, *, eta=0.01, label_smoothing=0.0, adjustment=None):

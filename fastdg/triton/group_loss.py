@@ -283,7 +283,9 @@ def _q_terms(q_ptr, sums_ptr, counts_ptr, adj_ptr, g, gm, eta, HAS_ADJ: tl.const
         step = step + tl.load(adj_ptr + g, mask=gm, other=0.0).to(tl.float32)
     step = tl.where(c > 0, step, 0.0)  # empty groups keep their weight (adjustment included)
     logq = tl.where(gm, tl.log(q) + eta * step, float("-inf"))
-    bad = gm & ~(tl.abs(mean) < float("inf"))  # NaN fails the comparison too
+    # A non-finite mean, or a NaN / +inf log-weight (non-finite adjustment), would poison q: -inf
+    # is a zero weight and is fine. NaN fails both comparisons.
+    bad = gm & (~(tl.abs(mean) < float("inf")) | ~(logq < float("inf")))
     return q, mean, logq, bad
 
 
@@ -300,7 +302,8 @@ def _group_loss_q_update_kernel(
     BLOCK_G: tl.constexpr, ONE_CHUNK: tl.constexpr, HAS_ADJ: tl.constexpr,
 ):
     """q' = softmax(log q + eta * step) in log space (normalised, cannot overflow); a non-finite
-    group mean leaves q unchanged, and robust = sum q' L is then non-finite."""
+    group mean (robust = sum q' L is then non-finite), a NaN / +inf log-weight or all-zero weights
+    leave q unchanged."""
     lane = tl.arange(0, BLOCK_G)
     if ONE_CHUNK:
         gm = lane < G
@@ -308,7 +311,8 @@ def _group_loss_q_update_kernel(
         hi = tl.max(logq, axis=0)
         e = tl.exp(logq - tl.where(hi == float("-inf"), 0.0, hi))
         q_new = e / tl.sum(e, axis=0)
-        q_new = tl.where(tl.sum(bad.to(tl.int32), axis=0) == 0, q_new, q)
+        ok = (tl.sum(bad.to(tl.int32), axis=0) == 0) & (hi > float("-inf"))  # not every weight zero
+        q_new = tl.where(ok, q_new, q)
         tl.store(q_new_ptr + lane, q_new, mask=gm)
         tl.store(mean_ptr + lane, mean, mask=gm)
         tl.store(robust_ptr, tl.sum(tl.where(gm, q_new * mean, 0.0), axis=0))
@@ -326,9 +330,9 @@ def _group_loss_q_update_kernel(
             hi_l = m_new
             nbad += bad.to(tl.int32)
         hi = tl.max(hi_l, axis=0)
+        finite = (tl.sum(nbad, axis=0) == 0) & (hi > float("-inf"))  # not every weight zero
         hi = tl.where(hi == float("-inf"), 0.0, hi)
         total = tl.sum(tot_l * tl.exp(hi_l - hi), axis=0)
-        finite = tl.sum(nbad, axis=0) == 0
         # Pass 2: the same terms again (deterministic), normalised and written.
         rob = tl.zeros([BLOCK_G], tl.float32)
         for g0 in range(0, G, BLOCK_G):
