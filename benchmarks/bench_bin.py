@@ -12,6 +12,9 @@ CPU target: fastdg-cpp >= 2x the composite at (32, 64, 56, 56) fp32, forward+bac
 GPU targets (shapes of PERFORMANCE.md, NCHW and channels_last): >= 80% of the HBM floor
 (3 |x| bytes forward, 8 |x| forward+backward, at 3.0 TB/s on H100 and 4.8 TB/s on H200),
 <= 1.1x batchnorm, >= 3x composite; recorded in extra_info of each fastdg row.
+Every row records bytes_moved (that floor's traffic: 3 |x| or 8 |x| bytes, the same for every
+implementation) and the bandwidth it implies (bytes_moved / median), plus torch/CUDA versions.
+CPU: 15 rounds per row (medians of a shared machine need them), NCHW and channels_last.
 Run: python -m pytest benchmarks/bench_bin.py --benchmark-json=out.json
 """
 import pytest
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 
 from fastdg.ops import bin_norm, last_choice
 
-CPU_CASES = [((32, 64, 56, 56), torch.float32, "nchw")]
+CPU_CASES = [((32, 64, 56, 56), torch.float32, lay) for lay in ("nchw", "channels_last")]
+CPU_ROUNDS, CPU_WARMUP, GPU_ROUNDS, GPU_WARMUP = 15, 2, 50, 5
 GPU_CASES = [(s, d, lay) for s, d in [((256, 64, 56, 56), torch.bfloat16), ((256, 64, 56, 56), torch.float32),
                                       ((256, 256, 56, 56), torch.bfloat16)] for lay in ("nchw", "channels_last")]
 _TIMES = {}
@@ -54,13 +58,19 @@ def cases():
 IMPLS = ["composite", "batchnorm", "fastdg-cpp", "fastdg-cuda", "fastdg-triton"]
 
 
-def floor_s(shape, dtype, passes):
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    bw = 4.8e12 if "H200" in name else 3.0e12
+def bytes_moved(shape, dtype, direction):
+    """The floor's traffic: read x, write y (and read x again for the statistics) = 3 |x| forward;
+    + read dy and x twice, write dx = 8 |x| forward+backward (PERFORMANCE.md)."""
     n = 1
     for s in shape:
         n *= s
-    return passes * n * torch.finfo(dtype).bits // 8 / bw
+    return (3 if direction == "fwd" else 8) * n * torch.finfo(dtype).bits // 8
+
+
+def floor_s(shape, dtype, direction):
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    bw = 4.8e12 if "H200" in name else 3.0e12
+    return bytes_moved(shape, dtype, direction) / bw
 
 
 @pytest.mark.parametrize("device, shape, dtype, layout", cases(), ids=lambda v: str(v).replace("torch.", ""))
@@ -94,15 +104,18 @@ def test_bin(benchmark, device, shape, dtype, layout, direction, impl):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(step, rounds=5 if device == "cpu" else 50, warmup_rounds=1 if device == "cpu" else 5)
+    cpu = device == "cpu"
+    benchmark.pedantic(step, rounds=CPU_ROUNDS if cpu else GPU_ROUNDS, warmup_rounds=CPU_WARMUP if cpu else GPU_WARMUP)
     if benchmark.stats is None:  # --benchmark-disable: the step ran once, nothing to record
         return
     key = (device, shape, dtype, layout, direction)
     _TIMES.setdefault(key, {})[impl] = benchmark.stats["median"]
     info = benchmark.extra_info
+    moved = bytes_moved(shape, dtype, direction)
     info.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", shape=list(shape),
                 dtype=str(dtype), layout=layout, direction=direction, threads=torch.get_num_threads(),
-                torch=torch.__version__)
+                torch=torch.__version__, torch_cuda=torch.version.cuda, bytes_moved=moved,
+                gb_per_s=moved / benchmark.stats["median"] / 1e9)
     if impl.startswith("fastdg-"):
         info["backend"] = last_choice("bin_norm").backend
         t = _TIMES[key]
@@ -111,4 +124,4 @@ def test_bin(benchmark, device, shape, dtype, layout, direction, impl):
         if "batchnorm" in t:
             info["time_vs_batchnorm"] = t[impl] / t["batchnorm"]
         if device == "cuda":
-            info["pct_of_hbm_floor"] = 100 * floor_s(shape, dtype, 3 if direction == "fwd" else 8) / t[impl]
+            info["pct_of_hbm_floor"] = 100 * floor_s(shape, dtype, direction) / t[impl]
