@@ -338,3 +338,33 @@ def test_bad_momentum_is_refused():
     with pytest.raises(TypeError, match="momentum must have dtype"):
         bin_norm(x, **p, **kw, momentum=torch.tensor(1))
     assert torch.equal(rm, make((2, 3, 4, 4))[2][0])  # nothing was updated
+
+
+@needs_ext
+def test_cpp_dy_layout_may_differ_in_size_one_strides():
+    """A (N, C, 1, 1) x from a channels_last producer has strides (C, 1, C, C), its dy (C, 1, 1, 1):
+    the same memory. The C++ backward takes it (as CUDA and Triton do) and refuses another layout."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(2, 3, 1, 1, generator=g, dtype=torch.float64)
+    x = torch.empty_strided((2, 3, 1, 1), (3, 1, 3, 3), dtype=torch.float64).copy_(x64)
+    dy = torch.randn(2, 3, 1, 1, generator=g, dtype=torch.float64)
+    assert x.stride() != dy.stride()
+    mean, _ = torch.ops.fastdg.bin_stats(x)
+    s1, s2 = torch.ops.fastdg.bin_bwd_reduce(dy, x, mean)
+    torch.testing.assert_close(s1, dy[:, :, 0, 0])
+    torch.testing.assert_close(s2, (dy * (x64 - mean[:, :, None, None]))[:, :, 0, 0])
+    ones = torch.ones(2, 3, dtype=torch.float64)
+    dx = torch.ops.fastdg.bin_bwd_apply(dy, x, ones, ones, ones)
+    torch.testing.assert_close(dx, dy + x64 + 1)
+    # Through the public op and autograd, against the reference.
+    w, b, rho = torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64), torch.rand(3).double()
+    xs = x.clone().requires_grad_()
+    xr = x64.clone().requires_grad_()
+    y = bin_norm(xs, w, b, rho, None, None, backend="cpp")
+    (gx,) = torch.autograd.grad(y, xs, dy)
+    (gr,) = torch.autograd.grad(bin_norm_ref(xr, w, b, rho, None, None), xr, dy)
+    torch.testing.assert_close(gx, gr)
+    x4 = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="dy must match x"):
+        torch.ops.fastdg.bin_bwd_reduce(x4.contiguous(memory_format=torch.channels_last), x4,
+                                        torch.ops.fastdg.bin_stats(x4)[0])

@@ -69,6 +69,14 @@ Layout layout_of(const at::Tensor& x) {
   TORCH_CHECK(false, "fastdg: x must be contiguous NCHW or channels_last (callers make it so)");
 }
 
+// dy must have x's memory format, not its exact strides: where both layouts are contiguous
+// (H = W = 1, or C = 1) the strides of size-1 dimensions differ with no change to the memory.
+void check_dy(const at::Tensor& dy, const at::Tensor& x, Layout layout) {
+  const auto fmt = layout == Layout::NCHW ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(fmt),
+              "fastdg: dy must match x in shape, dtype and memory format");
+}
+
 at::ScalarType stat_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -214,8 +222,7 @@ at::Tensor bin_apply_cpu(const at::Tensor& x, const at::Tensor& scale, const at:
 
 std::tuple<at::Tensor, at::Tensor> bin_bwd_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean) {
   const Layout layout = layout_of(x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides(),
-              "fastdg: dy must match x in shape, dtype and memory format");
+  check_dy(dy, x, layout);
   check_nc(mean, x, "mean");
   const int64_t N = x.size(0), C = x.size(1), L = x.size(2) * x.size(3);
   auto s1 = at::empty({N, C}, mean.options());
@@ -287,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor> bin_bwd_reduce_cpu(const at::Tensor& dy, cons
 at::Tensor bin_bwd_apply_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& p, const at::Tensor& q,
                              const at::Tensor& r) {
   const Layout layout = layout_of(x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.strides() == x.strides(),
-              "fastdg: dy must match x in shape, dtype and memory format");
+  check_dy(dy, x, layout);
   check_nc(p, x, "p");
   check_nc(q, x, "q");
   check_nc(r, x, "r");
