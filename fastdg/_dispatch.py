@@ -71,14 +71,23 @@ def choose(op: str, candidates: list[tuple[str, Check]], backend: str | None, *a
 # cached per (op, candidates, backend argument, variables, device, dtype).
 _CACHE_ENV = ("FASTDG_BACKEND", "TRITON_INTERPRET")
 _cache: dict = {}
+# os.environ.get encodes and decodes on every call (~1.5 us each, a third of an op's eager cost at
+# DomainBed sizes); CPython keeps the bytes mapping it wraps in os.environ._data, always current.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_CACHE_ENV_KEYS = tuple(os.environ.encodekey(v) for v in _CACHE_ENV) if _ENV_DATA is not None else None
+
+
+def _env_key() -> tuple:
+    if _ENV_DATA is not None:
+        return tuple(_ENV_DATA.get(k) for k in _CACHE_ENV_KEYS)
+    return tuple(os.environ.get(v) for v in _CACHE_ENV)
 
 
 def _choose_eager(op, candidates, backend, *args, **kwargs) -> Choice:
     t = args[0] if args and isinstance(args[0], torch.Tensor) else None
     key = None
     if t is not None and not kwargs:
-        key = (op, tuple(name for name, _ in candidates), backend, tuple(os.environ.get(v) for v in _CACHE_ENV),
-               t.device, t.dtype)
+        key = (op, tuple(name for name, _ in candidates), backend, _env_key(), t.device, t.dtype)
         hit = _cache.get(key)
         if hit is not None:
             _last[op] = hit
