@@ -74,6 +74,18 @@ def test_convert_keeps_state_device_flags_and_adds_rho():
     assert isinstance(layer, BatchInstanceNorm2d)
 
 
+@pytest.mark.skipif("bias" not in inspect.signature(nn.BatchNorm2d).parameters,
+                    reason="this torch's BatchNorm2d has no bias=False option")
+def test_convert_batchnorm_without_bias():
+    bn = nn.BatchNorm2d(4, bias=False)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 4, 5, 5)
+    layer = convert_bin(copy.deepcopy(bn))
+    assert torch.all(layer.bias == 0) and not layer.bias.requires_grad and layer.weight.requires_grad
+    torch.testing.assert_close(layer(x), bn(x))
+
+
 def test_convert_warns_and_skips_batchnorm_subclasses():
     class BNAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: a forward with extra behaviour
         def forward(self, x):

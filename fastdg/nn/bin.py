@@ -161,9 +161,13 @@ def _from_batchnorm(bn: nn.BatchNorm2d, separate_affine, rho_init, backend) -> B
     with torch.no_grad():
         if bn.affine:
             out.weight.copy_(bn.weight)
-            out.bias.copy_(bn.bias)
             out.weight.requires_grad_(bn.weight.requires_grad)
-            out.bias.requires_grad_(bn.bias.requires_grad)
+            if bn.bias is not None:
+                out.bias.copy_(bn.bias)
+                out.bias.requires_grad_(bn.bias.requires_grad)
+            else:  # BatchNorm2d(..., bias=False) (torch >= 2.12): a bias frozen at 0 computes the same
+                out.bias.zero_()
+                out.bias.requires_grad_(False)
         if bn.track_running_stats:
             out.running_mean.copy_(bn.running_mean)
             out.running_var.copy_(bn.running_var)
