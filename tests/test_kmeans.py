@@ -275,6 +275,103 @@ def test_reseed_takes_farthest_points():
     assert out[0, :, 0].tolist() == [0.0, 20.0, 10.0]
 
 
+def _old_farthest(lay, md, r):
+    """The reseeding order as first written: two stable sorts (distance descending, then group)."""
+    by_dist = torch.sort(md, descending=True, stable=True).indices
+    order = by_dist[torch.sort(lay.point_group[by_dist], stable=True).indices]
+    return R._first_k(order, lay.offsets, lay.k, r)
+
+
+@pytest.mark.parametrize("sizes", [[5, 1, 40, 3, 17], [30, 31, 29, 30], [2000, 1, 1, 1, 1, 1, 1, 1]])
+def test_farthest_rows_topk_matches_sorts(sizes):
+    """The sort-free top-k order (what a GPU runs every iteration) is the stable-sort order:
+    ties (many, from a few distinct values, with -0.0 among the zeros) go to the lower row, and
+    positions past a group's size repeat its last row."""
+    gen = torch.Generator().manual_seed(14)
+    N = sum(sizes)
+    group = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    lay = R.prepare(torch.zeros(N, 1), torch.full((len(sizes),), 1), group)
+    md = torch.randint(0, 4, (N,), generator=gen).float() * 0.5
+    md[torch.randperm(N, generator=gen)[:N // 5]] = -0.0
+    for r in (1, 3, 6):
+        want = _old_farthest(lay, md, r)
+        for method in ("topk", "sort", None):
+            assert torch.equal(R.farthest_rows(lay, md, r, method=method), want), (r, method)
+        assert torch.equal(R.farthest_rows(lay, md.double(), r), want)
+    # The default picks the padded top-k unless the batch is too ragged for it.
+    assert (R.padded_view(lay) is None) == (len(sizes) * max(sizes) > R.PADDED_MAX_BLOWUP * N + 1024)
+    with pytest.raises(ValueError, match="float32"):
+        R.farthest_rows(lay, md.double(), 2, method="topk")
+
+
+def test_reseed_padded_path_matches_sorts():
+    """reseed_empty through the padded view gives the centroids the sorting rule gives."""
+    x, off = ragged([20, 7, 33], 3, dtype=torch.float32, seed=15)
+    group = torch.repeat_interleave(torch.arange(3), off.diff())
+    lay = R.prepare(x, torch.tensor([4, 4, 4]), group)
+    gen = torch.Generator().manual_seed(16)
+    md = torch.randint(0, 3, (x.shape[0],), generator=gen).float()
+    empty = torch.tensor([[True, False, True, True], [False, True, False, True], [False, False, False, False]])
+    C = torch.zeros(3, 4, 3)
+    got = R.reseed_empty(C, empty, lay, md, torch.float32, R.padded_view(lay))
+    rank = (torch.cumsum(empty.long(), 1) - 1).clamp_min(0)
+    want = torch.where(empty[..., None], x[_old_farthest(lay, md, 4).gather(1, rank)], C)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, C)
+
+
+def test_chunk_spans():
+    off = torch.tensor([0, 10, 20, 100, 105, 110, 111])
+    assert R.chunk_spans(off, 1, 25) == [(0, 2), (2, 3), (3, 6)]  # a group over the budget runs alone
+    assert R.chunk_spans(off, 1, 10 ** 9) == [(0, 6)]
+    assert R.chunk_spans(off, 1, 0) == [(g, g + 1) for g in range(6)]
+
+
+def test_kmeanspp_carry_continues_the_prefix_sums():
+    """k-means++ over consecutive chunks of groups, each begun at the carry the previous one
+    left, ends with bitwise the prefix sums (and centres) of one pass over all rows."""
+    x, off = ragged([300, 41, 7, 520, 96], 6, seed=19)
+    group = torch.repeat_interleave(torch.arange(5), off.diff())
+    lay = R.prepare(x, torch.tensor([5, 2, 3, 8, 4]), group)
+    u0, u = R.init_draws(lay, "k-means++", 3)
+    whole = torch.zeros(lay.kmax - 1, 1 + u.shape[2], dtype=torch.float64)
+    C = R.init_kmeanspp(TorchKernels, lay, torch.float64, u0, u, whole)
+    carry, parts = torch.zeros_like(whole), []
+    bounds = off.tolist()
+    for g0, g1 in [(0, 2), (2, 3), (3, 5)]:
+        a, b = bounds[g0], bounds[g1]
+        sub = R.Layout(lay.x[a:b], lay.offsets[g0:g1 + 1] - a, lay.k[g0:g1], lay.kmax, None,
+                       lay.point_group[a:b] - g0, max(off.diff()[g0:g1].tolist()))
+        parts.append(R.init_kmeanspp(TorchKernels, sub, torch.float64, u0[g0:g1], u[:, g0:g1], carry))
+    assert torch.equal(torch.cat(parts), C)
+    assert torch.equal(carry, whole) and bool((whole > 0).all())
+
+
+@needs_cpp
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_chunks_give_the_unchunked_result(init, dtype, monkeypatch):
+    """On the CPU the C++ backend runs groups in cache-sized chunks; any chunking (here one group
+    per chunk, and a few groups per chunk) gives bitwise the labels, centroids, inertia and
+    iteration counts of one pass over the whole batch (k-means++ carries its prefix sums over)."""
+    sizes = [37, 1, 130, 8, 900, 3, 64, 250]
+    x, off = ragged(sizes, 9, dtype=dtype, seed=17)
+    x[off[6]:off[7]] = x[off[6]:off[6] + 4].repeat(16, 1)  # 4 distinct points, k = 6: reseeding
+    group = torch.repeat_interleave(torch.arange(len(sizes)), off.diff())
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(18))
+    x, group = x[perm], group[perm]
+    k = torch.tensor([3, 1, 5, 8, 4, 2, 6, 7])
+    monkeypatch.setattr(R, "CPU_CHUNK_BYTES", 1 << 40)
+    whole = kmeans(x, k, group, init=init, seed=2, backend="cpp")
+    for budget in (0, 200 * x.shape[1] * x.element_size()):
+        monkeypatch.setattr(R, "CPU_CHUNK_BYTES", budget)
+        part = kmeans(x, k, group, init=init, seed=2, backend="cpp")
+        for a, b in zip(part, whole):
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), budget
+    ref = kmeans_ref(x.double(), k, group, init=init, seed=2)
+    assert bool((whole.labels >= 0).all()) and whole.n_iter.shape == ref.n_iter.shape
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference"])
 def test_same_seed_same_labels(backend):
     x, _ = ragged([700], 9, dtype=torch.float32, seed=8)
@@ -375,6 +472,10 @@ def test_cuda_loop_syncs_do_not_grow_with_iterations():
     (lambda x, g: kmeans(x, 2, tol=-1.0), ValueError, "tol must be"),
     (lambda x, g: kmeans(x, 2, backend="triton"), ValueError, "not a backend of kmeans"),
     (lambda x, g: kmeans_predict(x, torch.zeros(1, 2, 5), 2), ValueError, "centroids must have D"),
+    (lambda x, g: kmeans_predict(x, torch.zeros(2, 2, 3), torch.tensor([2.0, 2.0]), g), TypeError,
+     "k must be an int or a"),
+    (lambda x, g: kmeans_predict(x, torch.zeros(2, 2, 3), torch.tensor([2, 3]), g), ValueError,
+     r"k must hold G = 2 values in \[1, 2\]"),
 ])
 def test_bad_inputs(call, exc, match):
     gen = torch.Generator().manual_seed(11)

@@ -15,7 +15,9 @@ Backends: "cuda" (fastdg._C CUDA kernels, one launch per kernel for the whole ra
 one group at a time). There is no Triton backend: the C++/CUDA pair already covers both devices.
 Nothing is read back to the host inside the Lloyd loop except, every `sync_every` iterations
 on a GPU (8), whether any group is still running. Validation reads the inputs once (ids, sizes,
-finiteness) before the loop.
+finiteness) before the loop. On the CPU the C++ backend runs the groups in chunks of about
+fastdg.reference.kmeans.CPU_CHUNK_BYTES of x (init and loop per chunk, so a chunk stays in
+cache across its iterations), with bitwise the result of one pass over all groups.
 """
 from __future__ import annotations
 
@@ -123,29 +125,29 @@ def _check_group(group, n, dev):
         raise ValueError(f"group ids must be >= 0, got min {int(group.min())}")
 
 
-def _check_k(k, group, n, dev):
+def _check_k(k, group, n, dev, name="k"):
     """Returns the (G,) k tensor on dev, after checking every group has k_g <= its size."""
     if isinstance(k, torch.Tensor):
         if k.dim() != 1 or k.numel() == 0 or k.dtype not in V.INTS:
-            raise TypeError(f"k must be an int or a (G,) integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
+            raise TypeError(f"{name} must be an int or a (G,) integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
         k_t = k.to(device=dev, dtype=torch.int64)
         G = k_t.numel()
         if group is None and G != 1:
-            raise ValueError(f"k has {G} entries but group is None (one group); pass group ids")
+            raise ValueError(f"{name} has {G} entries but group is None (one group); pass group ids")
         if group is not None:
             V.ids_in_range("group", group, G)
     elif isinstance(k, numbers.Integral) and not isinstance(k, bool):
         G = 1 if group is None else int(group.max()) + 1
         k_t = torch.full((G,), int(k), dtype=torch.int64, device=dev)
     else:
-        raise TypeError(f"k must be an int or a (G,) int64 tensor, got {type(k).__name__}")
+        raise TypeError(f"{name} must be an int or a (G,) int64 tensor, got {type(k).__name__}")
     if int(k_t.min()) < 1:
-        raise ValueError(f"k must be >= 1 for every group, got min {int(k_t.min())}")
+        raise ValueError(f"{name} must be >= 1 for every group, got min {int(k_t.min())}")
     sizes = torch.full((1,), n, device=dev) if group is None else torch.bincount(group, minlength=G)
     bad = torch.nonzero(k_t > sizes)
     if bad.numel():
         g = int(bad[0])
-        raise ValueError(f"k={int(k_t[g])} is larger than group {g} ({int(sizes[g])} points); "
+        raise ValueError(f"{name}={int(k_t[g])} is larger than group {g} ({int(sizes[g])} points); "
                          "every group needs at least k_g points")
     return k_t
 
@@ -174,8 +176,9 @@ def kmeans(x, k, group=None, *, max_iter=100, tol=1e-4, init="k-means++", seed=0
     group: (N,) int64 group id of each point in [0, G) (G = len(k) for a tensor k, else
         max(group) + 1; every group must be non-empty), or None for one group.
     init: "k-means++" (greedy, 2 + ln k_g candidates per centre, as scikit-learn) or "random"
-        (k_g distinct points); both drawn from a torch.Generator seeded with `seed`, on the
-        CPU, so the same seed gives the same result on every backend.
+        (k_g distinct points); their uniforms come from a torch.Generator seeded with `seed`,
+        on the CPU, copied to x's device once before the loop: the same numbers on every
+        backend and device, and no host sync per round.
     cosine: normalise rows to unit length first (then ||a - b||^2 = 2 - 2 cos(a, b)).
     Stops group g at max_iter or when its inertia changes by <= tol relative to the previous
     iteration. An empty cluster is reseeded with the farthest point of its group.
@@ -184,16 +187,25 @@ def kmeans(x, k, group=None, *, max_iter=100, tol=1e-4, init="k-means++", seed=0
     NaN rows past k_g, inertia (G,) = sum_i min_j ||x_i - c_j||^2 per group, n_iter (G,) int64).
     The centroids are those the labels were assigned to (labels = argmin, inertia consistent).
     """
-    _check_x("x", x)
+    return _kmeans(x, k, group, max_iter=max_iter, tol=tol, init=init, seed=seed, cosine=cosine, backend=backend)
+
+
+def _kmeans(x, k, group, *, max_iter, tol, init, seed, cosine, backend, names=("x", "k")):
+    """kmeans; `names` are the caller's names of x and k for the error messages."""
+    _check_x(names[0], x)
     _check_group(group, x.shape[0], x.device)
-    k_t = _check_k(k, group, x.shape[0], x.device)
+    k_t = _check_k(k, group, x.shape[0], x.device, names[1])
     _check_options(max_iter, tol, init, seed, cosine)
     choice = _dispatch.choose(OP, CANDIDATES, backend, x)
     if choice.backend != "reference":
         register_fakes()
     sync_every = GPU_SYNC_EVERY if x.is_cuda else 1
+    # The C++ CPU kernels compute every group on its own, so the driver may run the groups in
+    # cache-sized chunks (same result, bitwise); the reference's inertia is one prefix sum over
+    # all rows, so it runs unchunked.
+    chunk = R.CPU_CHUNK_BYTES if choice.backend == "cpp" else None
     return R.run(_kernels(choice.backend), x, k_t, group, max_iter=int(max_iter), tol=float(tol), init=init,
-                 seed=int(seed), cosine=cosine, sync_every=sync_every)
+                 seed=int(seed), cosine=cosine, sync_every=sync_every, chunk_bytes=chunk)
 
 
 def kmeans_predict(x, centroids, k, group=None, *, cosine=False, backend=None):
@@ -204,24 +216,32 @@ def kmeans_predict(x, centroids, k, group=None, *, cosine=False, backend=None):
     cosine: normalise rows of x first (use the setting the centroids were fitted with).
     Groups may be empty here (predicting a subset of the points).
     """
-    _check_x("x", x)
+    return _predict(x, centroids, k, group, cosine=cosine, backend=backend)
+
+
+def _predict(x, centroids, k, group, *, cosine, backend, names=("x", "k")):
+    xn, kn = names
+    _check_x(xn, x)
     V.tensor("centroids", centroids, dim=3, dtypes=V.FLOATS, device=x.device)
     G, kmax, D = centroids.shape
     if D != x.shape[1]:
-        raise ValueError(f"centroids must have D = {x.shape[1]} features like x, got shape {tuple(centroids.shape)}")
+        raise ValueError(f"centroids must have D = {x.shape[1]} features like {xn}, got shape {tuple(centroids.shape)}")
     _check_group(group, x.shape[0], x.device)
     if group is not None:
         V.ids_in_range("group", group, G)
     elif G != 1:
         raise ValueError(f"centroids hold {G} groups but group is None; pass group ids")
     if isinstance(k, torch.Tensor):
-        k_t = k.to(device=x.device, dtype=torch.int64).reshape(-1)
+        # As in kmeans: a float tensor would be truncated silently.
+        if k.dim() != 1 or k.numel() == 0 or k.dtype not in V.INTS:
+            raise TypeError(f"{kn} must be an int or a (G,) integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
+        k_t = k.to(device=x.device, dtype=torch.int64)
     elif isinstance(k, numbers.Integral) and not isinstance(k, bool):
         k_t = torch.full((G,), int(k), dtype=torch.int64, device=x.device)
     else:
-        raise TypeError(f"k must be an int or a (G,) int64 tensor, got {type(k).__name__}")
+        raise TypeError(f"{kn} must be an int or a (G,) int64 tensor, got {type(k).__name__}")
     if k_t.numel() != G or int(k_t.min()) < 1 or int(k_t.max()) > kmax:
-        raise ValueError(f"k must hold G = {G} values in [1, {kmax}]")
+        raise ValueError(f"{kn} must hold G = {G} values in [1, {kmax}]")
     choice = _dispatch.choose("kmeans_predict", CANDIDATES, backend, x)
     if choice.backend != "reference":
         register_fakes()
