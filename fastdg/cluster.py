@@ -17,6 +17,10 @@ import torch
 
 from . import ops
 from .ops import _validate as V
+from .ops.kmeans import _kmeans, _predict
+
+# KMeans speaks scikit-learn's argument names in its errors.
+_SK_NAMES = ("X", "n_clusters")
 
 METHODS = ("loss_rank", "kmeans", "dominating_set")
 
@@ -61,8 +65,8 @@ class KMeans:
         group = _as_tensor("group", group, torch.int64)
         if group is not None and isinstance(group, torch.Tensor) and isinstance(X, torch.Tensor):
             group = group.to(X.device)
-        res = ops.kmeans(X, self.n_clusters, group, max_iter=self.max_iter, tol=self.tol, init=self.init,
-                         seed=self.seed, cosine=self.cosine, backend=self.backend)
+        res = _kmeans(X, self.n_clusters, group, max_iter=self.max_iter, tol=self.tol, init=self.init,
+                      seed=self.seed, cosine=self.cosine, backend=self.backend, names=_SK_NAMES)
         self._grouped = group is not None
         self._k = self.n_clusters if not isinstance(self.n_clusters, torch.Tensor) else \
             self.n_clusters.to(X.device, torch.int64)
@@ -88,7 +92,7 @@ class KMeans:
         if isinstance(X, torch.Tensor):
             centers = centers.to(X.device)
             group = group.to(X.device) if group is not None else None
-        return ops.kmeans_predict(X, centers, self._k, group, cosine=self.cosine, backend=self.backend)
+        return _predict(X, centers, self._k, group, cosine=self.cosine, backend=self.backend, names=_SK_NAMES)
 
     def fit_predict(self, X, group=None):
         return self.fit(X, group).labels_
@@ -140,10 +144,18 @@ def seed_categories(method, *, losses=None, embeddings=None, domain, classes=Non
     V.tensor("embeddings", embeddings, dim=2, dtypes=V.FLOATS, device=dev)
     if embeddings.shape[0] != n:
         raise ValueError(f"embeddings must have one row per sample ({n}), got shape {tuple(embeddings.shape)}")
-    group = domain if classes is None else domain * (int(classes.max()) + 1) + classes
+    num_classes = None if classes is None else int(classes.max()) + 1
+    group = domain if classes is None else domain * num_classes + classes
     present, local = torch.unique(group, return_inverse=True)
 
     if method == "kmeans":
+        # Checked here so that the error names the domain (and class), not a compacted index.
+        sizes = torch.bincount(local, minlength=present.numel())
+        small = torch.nonzero(sizes < k)
+        if small.numel():
+            g = int(small[0])
+            raise ValueError(f"k={k} is larger than {group_name(int(present[g]), num_classes)} "
+                             f"({int(sizes[g])} samples); every domain (x class) group needs at least k samples")
         # Absent (domain, class) pairs are dropped from the batch, then ids mapped back.
         res = ops.kmeans(embeddings, int(k), local, seed=int(seed))
         return group * int(k) + res.labels
@@ -160,6 +172,13 @@ def seed_categories(method, *, losses=None, embeddings=None, domain, classes=Non
         out[rows] = cat + next_id
         next_id += seeds.numel()
     return out
+
+
+def group_name(g, num_classes=None):
+    """'domain d' or 'domain d, class c' for global group id g = d * num_classes + c."""
+    if num_classes is None:
+        return f"domain {g}"
+    return f"domain {g // num_classes}, class {g % num_classes}"
 
 
 def adjacency(emb, xi, tile=1024):
@@ -187,6 +206,8 @@ def dominating_set(emb, xi, gen, tile=1024):
     (drawn with `gen`, a CPU torch.Generator). Greedy: the gain of v is the number of still
     uncovered samples in its closed neighbourhood; take the first maximum, mark its
     neighbourhood covered, subtract the newly covered from the gains (O(n^2) in all).
+    There is no k: the number of seeds (categories) s follows from xi and the data (smaller
+    xi, more seeds; s = n when no two samples are closer than xi).
     """
     adj = adjacency(emb, xi, tile)
     n, dev = adj.shape[0], adj.device

@@ -53,8 +53,21 @@ def test_kmeans_errors():
     km = KMeans(2).fit(x, torch.arange(50) % 2)
     with pytest.raises(ValueError, match="group is required"):
         km.predict(x)
-    with pytest.raises(ValueError, match="k=60 is larger than group 0"):
+    # Errors use scikit-learn's argument names (X, n_clusters), not the op's (x, k).
+    with pytest.raises(ValueError, match="n_clusters=60 is larger than group 0"):
         KMeans(60).fit(x)
+    with pytest.raises(ValueError, match="X must be 2-D"):
+        KMeans(3).fit(x[0])
+    with pytest.raises(ValueError, match="X contains NaN or inf"):
+        KMeans(3).fit(torch.where(x > 1, float("nan"), x))
+    with pytest.raises(TypeError, match="X must have dtype"):
+        KMeans(3).fit(x.long())
+    with pytest.raises(TypeError, match="n_clusters must be an int"):
+        KMeans(torch.tensor([2.0])).fit(x, torch.zeros(50, dtype=torch.int64))
+    with pytest.raises(ValueError, match="centroids must have D = 2 features like X"):
+        KMeans(3).fit(x).predict(x[:, :2])
+    with pytest.raises(ValueError, match="X must be non-empty"):
+        KMeans(3).fit(x).predict(x[:0])
 
 
 # ---- seed_categories -----------------------------------------------------------------------
@@ -92,6 +105,24 @@ def test_kmeans_categories(with_classes):
     present, local = torch.unique(group, return_inverse=True)
     assert torch.equal(ids % 4, ops.kmeans(emb, 4, local, seed=5).labels)
     assert torch.equal(ids, seed_categories("kmeans", embeddings=emb, domain=domain, classes=cls, k=4, seed=5))
+
+
+@pytest.mark.parametrize("method", ["kmeans", "loss_rank"])
+def test_small_group_error_names_domain_and_class(method):
+    """k larger than a group: the error names the (domain, class) pair, not a compacted index
+    of the present groups (here domain 0 / class 1 is absent, so they would differ)."""
+    emb, domain, classes, losses = labelled()
+    keep = ~((domain == 0) & (classes == 1))
+    keep &= ~((domain == 2) & (classes == 0)) | (torch.cumsum(((domain == 2) & (classes == 0)).long(), 0) <= 3)
+    emb, domain, classes, losses = emb[keep], domain[keep], classes[keep], losses[keep]
+    assert int(((domain == 2) & (classes == 0)).sum()) == 3
+    kw = dict(embeddings=emb) if method == "kmeans" else dict(losses=losses)
+    with pytest.raises(ValueError, match=r"k=4 is larger than domain 2, class 0 \(3 samples\)"):
+        seed_categories(method, domain=domain, classes=classes, k=4, **kw)
+    few = torch.cat([domain[domain != 1], torch.ones(2, dtype=torch.int64)])
+    kw = dict(embeddings=points(few.numel(), 6)) if method == "kmeans" else dict(losses=torch.rand(few.numel()))
+    with pytest.raises(ValueError, match=r"k=4 is larger than domain 1 \(2 samples\)"):
+        seed_categories(method, domain=few, k=4, **kw)
 
 
 def naive_greedy(emb, xi):

@@ -45,8 +45,11 @@ def test_domain_by_class_groups_and_ties():
 
 def test_bad_inputs():
     losses, domain = torch.rand(10), torch.zeros(10, dtype=torch.int64)
-    with pytest.raises(ValueError, match="k=11 is larger than group 0"):
+    with pytest.raises(ValueError, match=r"k=11 is larger than domain 0 \(10 samples\)"):
         seed_assign_by_loss(losses, domain, 11)
+    cls = torch.tensor([0] * 8 + [1] * 2)  # domain 0, class 1 has 2 samples: global group 1
+    with pytest.raises(ValueError, match=r"k=3 is larger than domain 0, class 1 \(2 samples\)"):
+        seed_assign_by_loss(losses, domain, 3, classes=cls)
     with pytest.raises(ValueError, match="NaN"):
         seed_assign_by_loss(torch.tensor([float("nan")] * 10), domain, 2)
     with pytest.raises(TypeError, match="domain must have dtype"):

@@ -48,7 +48,8 @@ def seed_assign_by_loss(losses, domain, k, *, classes=None, num_classes=None, ba
     present = counts[counts > 0]
     if int(present.min()) < k:
         small = int(torch.nonzero((counts > 0) & (counts < k))[0])
-        raise ValueError(f"k={k} is larger than group {small} ({int(counts[small])} samples); "
+        where = f"domain {small}" if classes is None else f"domain {small // num_classes}, class {small % num_classes}"
+        raise ValueError(f"k={k} is larger than {where} ({int(counts[small])} samples); "
                          "every domain (x class) group needs at least k samples")
     _dispatch.choose(OP, CANDIDATES, backend, losses)
     return seed_assign_by_loss_ref(losses, domain, k, classes, num_classes)
