@@ -115,3 +115,69 @@ def test_update_marks_forward_backward_and_optimizer_phases(name):
                                                           else ["update"])
     if name == "SeedCategories":
         assert set(s["phase_tree"]["categories"]["children"]) == {"forward", "assign"}
+
+
+BAD_HPARAMS = [  # (algorithm, hparams, exception, message naming the hyper-parameter)
+    ("ERM", {"lr": "0.1"}, TypeError, "lr must be a number"),
+    ("ERM", {"lr": 0.0}, ValueError, "lr must be a finite number > 0"),
+    ("ERM", {"lr": float("nan")}, ValueError, "lr must be a finite number"),
+    ("ERM", {"weight_decay": -1e-4}, ValueError, "weight_decay must be a finite number >= 0"),
+    ("ERM", {"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+    ("ERM", {"batch_size": 8.0}, TypeError, "batch_size must be an int"),
+    ("ERM", {"batch_size": True}, TypeError, "batch_size must be an int"),
+    ("ERM", {"norm": "layer"}, ValueError, "norm must be one of"),
+    ("ERM", {"resnet_depth": 34}, ValueError, "resnet_depth must be one of"),
+    ("ERM", {"resnet_depth": 50.0}, ValueError, "resnet_depth must be one of"),
+    ("ERM", {"freeze_bn": "no"}, TypeError, "freeze_bn must be true or false"),
+    ("ERM", {"pretrained_path": 3}, TypeError, "pretrained_path must be a file path"),
+    ("ERM", {"pretrained_path": "/nonexistent/fastdg.pt"}, FileNotFoundError, "pretrained_path: no such file"),
+    ("GroupDRO", {"groupdro_eta": -0.5}, ValueError, "groupdro_eta"),
+    ("IRM", {"irm_lambda": -1.0}, ValueError, "irm_lambda"),
+    ("IRM", {"irm_penalty_anneal_iters": 1.5}, TypeError, "irm_penalty_anneal_iters must be an int"),
+    ("VREx", {"vrex_lambda": "big"}, TypeError, "vrex_lambda"),
+    ("VREx", {"vrex_penalty_anneal_iters": -1}, ValueError, "vrex_penalty_anneal_iters"),
+    ("MLDG", {"mldg_beta": -1.0}, ValueError, "mldg_beta"),
+    ("MLDG", {"mldg_inner_lr": 0.0}, ValueError, "mldg_inner_lr"),
+    ("SagNet", {"sag_w_adv": -0.1}, ValueError, "sag_w_adv"),
+    ("SagNet", {"sag_clip_adv": 0.0}, ValueError, "sag_clip_adv"),
+    ("SagNet", {"sag_eps": 0.0}, ValueError, "sag_eps"),
+    ("SelfBalanced", {"sb_hidden": 0}, ValueError, "sb_hidden"),
+    ("SelfBalanced", {"sb_meta_lr": 0.0}, ValueError, "sb_meta_lr"),
+    ("SelfBalanced", {"sb_inner_lr": -1.0}, ValueError, "sb_inner_lr"),
+    ("SelfBalanced", {"sb_meta_per_cell": 1.0}, TypeError, "sb_meta_per_cell"),
+    ("MetaBIN", {"norm": "group"}, ValueError, "norm='bin'"),
+    ("MetaBIN", {"bin_rho_init": 1.5}, ValueError, "bin_rho_init"),
+    ("MetaBIN", {"metabin_order": 3}, ValueError, "metabin_order"),
+    ("MetaBIN", {"metabin_optimizer": "rmsprop"}, ValueError, "metabin_optimizer"),
+    ("MetaBIN", {"metabin_mtest_domains": 0}, ValueError, "metabin_mtest_domains"),
+    ("MetaBIN", {"metabin_label_smoothing": 1.0}, ValueError, "metabin_label_smoothing"),
+    ("MetaBIN", {"metabin_momentum": 1.0}, ValueError, "metabin_momentum"),
+    ("MetaBIN", {"metabin_rho_lr_mult": 0.0}, ValueError, "metabin_rho_lr_mult"),
+    ("SeedCategories", {"seed_k": 0}, ValueError, "seed_k"),
+    ("SeedCategories", {"seed_t0": "5"}, TypeError, "seed_t0"),
+    ("SeedCategories", {"seed_method": "median"}, ValueError, "seed_method must be one of"),
+    ("SeedCategories", {"seed_per_class": 1}, TypeError, "seed_per_class"),
+]
+
+
+@pytest.mark.parametrize("name, hp, exc, message", BAD_HPARAMS)
+def test_bad_hparam_values_are_refused_by_check_hparams_and_the_constructor(name, hp, exc, message):
+    from fastdg.algorithms.base import resolve_hparams
+
+    cls = get_algorithm(name)
+    with pytest.raises(exc, match=message):
+        cls.check_hparams(resolve_hparams(cls, hp))  # no model built: what the trainer runs before any work
+    with pytest.raises(exc, match=message):
+        cls(SHAPE, CLASSES, DOMAINS, hp)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_defaults_and_numpy_values_pass_the_checks(name):
+    import numpy as np
+
+    from fastdg.algorithms.base import resolve_hparams
+
+    cls = get_algorithm(name)
+    cls.check_hparams(resolve_hparams(cls, {}), CLASSES, DOMAINS)
+    # DomainBed's random hparams may hold numpy scalars
+    cls.check_hparams(resolve_hparams(cls, {"lr": np.float64(1e-3), "batch_size": np.int64(32)}), CLASSES, DOMAINS)

@@ -12,6 +12,11 @@ fastdg.profile.phase (a no-op unless a RoundProfiler is active; no synchronisati
 """
 from __future__ import annotations
 
+import math
+import numbers
+import os
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +34,77 @@ COMMON_HPARAMS = {
     "freeze_bn": True,
     "nonlinear_classifier": False,
 }
+
+
+# ---- value checks: a wrong type is a TypeError, a value out of range a ValueError, both
+# naming the hyper-parameter (numpy scalars pass: DomainBed's random hparams can be numpy).
+
+def _range_text(low, high, low_open, high_open):
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high}")
+    return " and ".join(parts)
+
+
+def check_real(hp, name, low=None, high=None, low_open=False, high_open=False, none_ok=False):
+    v = hp[name]
+    if v is None and none_ok:
+        return
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"hyper-parameter {name} must be a number{' or None' if none_ok else ''}, "
+                        f"got {type(v).__name__} {v!r}")
+    bad = not math.isfinite(v)
+    bad = bad or (low is not None and (v <= low if low_open else v < low))
+    bad = bad or (high is not None and (v >= high if high_open else v > high))
+    if bad:
+        rng = _range_text(low, high, low_open, high_open)
+        raise ValueError(f"hyper-parameter {name} must be a finite number{' ' + rng if rng else ''}, got {v!r}")
+
+
+def check_int(hp, name, low=None, none_ok=False):
+    v = hp[name]
+    if v is None and none_ok:
+        return
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"hyper-parameter {name} must be an int{' or None' if none_ok else ''}, "
+                        f"got {type(v).__name__} {v!r}")
+    if low is not None and v < low:
+        raise ValueError(f"hyper-parameter {name} must be an int >= {low}, got {v!r}")
+
+
+def check_bool(hp, name):
+    v = hp[name]
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"hyper-parameter {name} must be true or false, got {type(v).__name__} {v!r}")
+
+
+def check_choice(hp, name, choices):
+    v = hp[name]
+    # bool is an int: True must not pass for 1; nor 50.0 for the int 50
+    ok = not isinstance(v, (bool, np.bool_)) and v in choices
+    if ok and all(isinstance(c, int) for c in choices):
+        ok = isinstance(v, numbers.Integral)
+    if not ok:
+        raise ValueError(f"hyper-parameter {name} must be one of {list(choices)}, got {v!r}")
+
+
+def check_common_hparams(hp: dict) -> None:
+    check_real(hp, "lr", low=0, low_open=True)
+    check_real(hp, "weight_decay", low=0)
+    check_int(hp, "batch_size", low=1)
+    check_choice(hp, "norm", ("group", "batch", "bin"))
+    check_choice(hp, "resnet_depth", (18, 50))
+    check_bool(hp, "freeze_bn")
+    check_bool(hp, "nonlinear_classifier")
+    path = hp["pretrained_path"]
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"hyper-parameter pretrained_path must be a file path or None, got {type(path).__name__}")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"hyper-parameter pretrained_path: no such file {os.fspath(path)!r} (a local "
+                                    "state_dict; fastdg never downloads weights)")
 
 
 def default_hparams(cls) -> dict:
@@ -58,11 +134,16 @@ class Algorithm(nn.Module):
         self.num_classes = num_classes
         self.num_domains = num_domains
         self.hparams = resolve_hparams(type(self), hparams)
+        type(self).check_hparams(self.hparams, num_classes, num_domains)
 
     @classmethod
-    def check_hparams(cls, hparams: dict) -> None:
-        """Raise ValueError for a hyper-parameter value the algorithm cannot use (called by the
-        trainer before any work, and by subclasses' constructors)."""
+    def check_hparams(cls, hparams: dict, num_classes: int | None = None, num_domains: int | None = None) -> None:
+        """Raise TypeError / ValueError (FileNotFoundError for a missing pretrained_path), naming
+        the hyper-parameter, for a value the algorithm cannot use. `hparams` are resolved (every
+        name present). Called by the trainer's config check before any work (with the data
+        set's num_classes and number of training domains once it is loaded) and by the
+        constructor. Subclasses extend it and call super() first."""
+        check_common_hparams(hparams)
 
     def update(self, minibatches, unlabeled=None) -> dict:
         raise NotImplementedError

@@ -11,11 +11,16 @@ import torch
 
 from ..ops import group_loss
 from ..profile import phase
-from .base import ERM, domain_ids
+from .base import ERM, check_real, domain_ids
 
 
 class GroupDRO(ERM):
     HPARAMS = {"groupdro_eta": 1e-2}
+
+    @classmethod
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        check_real(hparams, "groupdro_eta", low=0)  # 0: q stays uniform (ERM over the groups)
 
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)

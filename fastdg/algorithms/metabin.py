@@ -51,7 +51,7 @@ from torch.func import functional_call
 from ..networks import featurizer
 from ..nn import clamp_rho_, hold_running_stats, rho_parameters
 from ..profile import phase
-from .base import Algorithm, classifier
+from .base import Algorithm, check_bool, check_choice, check_int, check_real, classifier
 from .metric_losses import inter_domain_shuffle_loss, intra_domain_scatter, triplet_loss
 
 
@@ -74,20 +74,31 @@ class MetaBIN(Algorithm):
         "metabin_momentum": 0.9,
     }
 
-    def __init__(self, input_shape, num_classes, num_domains, hparams=None):
-        super().__init__(input_shape, num_classes, num_domains, hparams)
-        hp = self.hparams
+    @classmethod
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        hp = hparams
+        check_bool(hp, "bin_separate_affine")
         if hp["norm"] != "bin" or not hp["bin_separate_affine"]:
             raise ValueError("MetaBIN needs BIN with separate affine parameters: norm='bin' and "
                              f"bin_separate_affine=True (got norm={hp['norm']!r}, "
                              f"bin_separate_affine={hp['bin_separate_affine']!r})")
-        if hp["metabin_order"] not in (1, 2):
-            raise ValueError(f"metabin_order must be 1 or 2, got {hp['metabin_order']!r}")
-        if hp["metabin_optimizer"] not in ("sgd", "adam"):
-            raise ValueError(f"metabin_optimizer must be 'sgd' or 'adam', got {hp['metabin_optimizer']!r}")
-        k = hp["metabin_mtest_domains"]
-        if k is not None and not (isinstance(k, int) and k >= 1):
-            raise ValueError(f"metabin_mtest_domains must be None or an int >= 1, got {k!r}")
+        check_real(hp, "bin_rho_init", low=0, high=1)
+        check_choice(hp, "metabin_order", (1, 2))
+        check_choice(hp, "metabin_optimizer", ("sgd", "adam"))
+        check_int(hp, "metabin_mtest_domains", low=1, none_ok=True)
+        check_real(hp, "metabin_margin", low=0)
+        check_real(hp, "metabin_label_smoothing", low=0, high=1, high_open=True)
+        check_real(hp, "metabin_w_scatter", low=0)
+        check_real(hp, "metabin_w_shuffle", low=0)
+        check_real(hp, "metabin_shuffle_margin", low=0)
+        check_real(hp, "metabin_inner_lr", low=0, none_ok=True)
+        check_real(hp, "metabin_rho_lr_mult", low=0, low_open=True)
+        check_real(hp, "metabin_momentum", low=0, high=1, high_open=True)
+
+    def __init__(self, input_shape, num_classes, num_domains, hparams=None):
+        super().__init__(input_shape, num_classes, num_domains, hparams)  # checks the hparams
+        hp = self.hparams
         self.featurizer = featurizer(self.input_shape, hp)
         self.classifier = classifier(self.featurizer.n_outputs, num_classes, hp["nonlinear_classifier"])
         self.network = nn.Sequential(self.featurizer, self.classifier)

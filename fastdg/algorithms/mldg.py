@@ -9,11 +9,17 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..profile import phase
-from .base import ERM
+from .base import ERM, check_real
 
 
 class MLDG(ERM):
     HPARAMS = {"mldg_beta": 1.0, "mldg_inner_lr": None}  # inner lr defaults to lr
+
+    @classmethod
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        check_real(hparams, "mldg_beta", low=0)
+        check_real(hparams, "mldg_inner_lr", low=0, low_open=True, none_ok=True)
 
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)

@@ -7,11 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from ..profile import phase
-from .base import ERM
+from .base import ERM, check_int, check_real
 
 
 class _Penalised(ERM):
     penalty_name = ""
+
+    @classmethod
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        n = cls.penalty_name
+        check_real(hparams, f"{n}_lambda", low=0)
+        check_int(hparams, f"{n}_penalty_anneal_iters", low=0)
 
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Algorithm, classifier
+from .base import Algorithm, check_real, classifier
 from ..networks import featurizer
 from ..profile import phase
 
@@ -41,12 +41,20 @@ def content_randomize(x, perm, eps=1e-5):
 class SagNet(Algorithm):
     HPARAMS = {"sag_w_adv": 0.1, "sag_clip_adv": 0.1, "sag_eps": 1e-5}
 
+    @classmethod
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        check_real(hparams, "sag_w_adv", low=0)
+        check_real(hparams, "sag_clip_adv", low=0, low_open=True)  # a gradient-norm bound
+        check_real(hparams, "sag_eps", low=0, low_open=True)
+
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)
         self.featurizer = featurizer(self.input_shape, self.hparams)
         n = self.featurizer.n_outputs
-        self.classifier_c = classifier(n, num_classes)
-        self.classifier_s = classifier(n, num_classes)
+        nonlinear = self.hparams["nonlinear_classifier"]  # DomainBed: both heads follow it
+        self.classifier_c = classifier(n, num_classes, nonlinear)
+        self.classifier_s = classifier(n, num_classes, nonlinear)
         self.pool = nn.AdaptiveAvgPool2d(1)
         lr, wd = self.hparams["lr"], self.hparams["weight_decay"]
         self.opt_f = torch.optim.Adam(self.featurizer.parameters(), lr=lr, weight_decay=wd)

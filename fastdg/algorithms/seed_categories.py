@@ -18,6 +18,7 @@ import torch
 
 from ..ops import seed_assign_by_loss
 from ..profile import phase
+from .base import check_bool, check_choice, check_int
 from .group_dro import GroupDRO
 
 
@@ -31,17 +32,15 @@ class SeedCategories(GroupDRO):
     samples_by_category = True
 
     @classmethod
-    def check_hparams(cls, hparams):
-        if hparams["seed_method"] not in ("loss_rank", "kmeans"):
-            raise ValueError(f"seed_method must be 'loss_rank' or 'kmeans', got {hparams['seed_method']!r}")
-        for name in ("seed_k", "seed_t0"):
-            v = hparams[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        check_choice(hparams, "seed_method", ("loss_rank", "kmeans"))
+        check_int(hparams, "seed_k", low=1)
+        check_int(hparams, "seed_t0", low=1)
+        check_bool(hparams, "seed_per_class")
 
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
-        super().__init__(input_shape, num_classes, num_domains, hparams)
-        self.check_hparams(self.hparams)
+        super().__init__(input_shape, num_classes, num_domains, hparams)  # checks the hparams
         groups = num_domains * (num_classes if self.hparams["seed_per_class"] else 1)
         self.num_categories = groups * self.hparams["seed_k"]
         self.register_buffer("q", torch.full((self.num_categories,), 1.0 / self.num_categories))

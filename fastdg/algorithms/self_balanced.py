@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..profile import phase
-from .base import ERM, domain_ids
+from .base import ERM, check_int, check_real, domain_ids
 
 
 class WeightNet(nn.Module):
@@ -62,11 +62,18 @@ class SelfBalanced(ERM):
         "sb_meta_per_cell": 0,   # 0: every sample, cell-balanced weights; k > 0: k random samples per cell
     }
 
+    @classmethod
+    def check_hparams(cls, hparams, num_classes=None, num_domains=None):
+        super().check_hparams(hparams, num_classes, num_domains)
+        check_int(hparams, "sb_hidden", low=1)
+        check_real(hparams, "sb_meta_lr", low=0, low_open=True)
+        check_real(hparams, "sb_meta_weight_decay", low=0)
+        check_real(hparams, "sb_inner_lr", low=0, low_open=True, none_ok=True)
+        check_int(hparams, "sb_meta_per_cell", low=0)
+
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
-        super().__init__(input_shape, num_classes, num_domains, hparams)
+        super().__init__(input_shape, num_classes, num_domains, hparams)  # checks the hparams
         hp = self.hparams
-        if not (isinstance(hp["sb_meta_per_cell"], int) and hp["sb_meta_per_cell"] >= 0):
-            raise ValueError(f"sb_meta_per_cell must be an int >= 0, got {hp['sb_meta_per_cell']!r}")
         self.weight_net = WeightNet(num_domains, num_classes, hp["sb_hidden"])
         self.meta_optimizer = torch.optim.Adam(self.weight_net.parameters(), lr=hp["sb_meta_lr"],
                                                weight_decay=hp["sb_meta_weight_decay"])
