@@ -134,6 +134,7 @@ BAD_HPARAMS = [  # (algorithm, hparams, exception, message naming the hyper-para
     ("GroupDRO", {"groupdro_eta": -0.5}, ValueError, "groupdro_eta"),
     ("IRM", {"irm_lambda": -1.0}, ValueError, "irm_lambda"),
     ("IRM", {"irm_penalty_anneal_iters": 1.5}, TypeError, "irm_penalty_anneal_iters must be an int"),
+    ("IRM", {"irm_loss_rescale": 1}, TypeError, "irm_loss_rescale must be true or false"),
     ("VREx", {"vrex_lambda": "big"}, TypeError, "vrex_lambda"),
     ("VREx", {"vrex_penalty_anneal_iters": -1}, ValueError, "vrex_penalty_anneal_iters"),
     ("MLDG", {"mldg_beta": -1.0}, ValueError, "mldg_beta"),
@@ -181,3 +182,53 @@ def test_defaults_and_numpy_values_pass_the_checks(name):
     cls.check_hparams(resolve_hparams(cls, {}), CLASSES, DOMAINS)
     # DomainBed's random hparams may hold numpy scalars
     cls.check_hparams(resolve_hparams(cls, {"lr": np.float64(1e-3), "batch_size": np.int64(32)}), CLASSES, DOMAINS)
+
+
+@pytest.mark.parametrize("name, rescale", [("IRM", False), ("VREx", False), ("IRM", True)])
+def test_penalties_match_domainbed(name, rescale):
+    """DomainBed's IRM / VREx update written out: loss = nll + w * penalty (w = lambda from the
+    anneal step on), the optimizer reset at the anneal step, no division by w;
+    irm_loss_rescale=True gives the original IRM script's loss / w. Plain SGD stands in for
+    Adam (a subclass), so that the parameters compare exactly: Adam's normalised steps blow
+    rounding differences of near-zero gradients up to the learning rate."""
+    import copy
+
+    p = name.lower()
+    lam = 100.0 if p == "irm" else 10.0
+    cls = type(f"SGD{name}", (get_algorithm(name),), {"make_optimizer": lambda self, ps: torch.optim.SGD(ps, lr=0.05)})
+    torch.manual_seed(0)
+    alg = cls(SHAPE, CLASSES, DOMAINS,
+              {f"{p}_lambda": lam, f"{p}_penalty_anneal_iters": 1, f"{p}_loss_rescale": rescale})
+    ref = copy.deepcopy(alg.network)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
+    first_opt = alg.optimizer
+    for step in range(3):
+        mb = batches(seed=step)
+        stats = alg.update(mb)
+        logits = torch.split(ref(torch.cat([x for x, _ in mb])), [len(y) for _, y in mb])
+        nll = sum(F.cross_entropy(lg, y) for lg, (_, y) in zip(logits, mb)) / len(mb)
+        if p == "irm":
+            pens = []
+            for lg, (_, y) in zip(logits, mb):
+                scale = torch.tensor(1.0, requires_grad=True)
+                g1 = torch.autograd.grad(F.cross_entropy(lg[::2] * scale, y[::2]), [scale], create_graph=True)[0]
+                g2 = torch.autograd.grad(F.cross_entropy(lg[1::2] * scale, y[1::2]), [scale], create_graph=True)[0]
+                pens.append(torch.sum(g1 * g2))
+            penalty = sum(pens) / len(mb)
+        else:
+            losses = torch.stack([F.cross_entropy(lg, y) for lg, (_, y) in zip(logits, mb)])
+            nll, penalty = losses.mean(), ((losses - losses.mean()) ** 2).mean()
+        w = lam if step >= 1 else 1.0
+        loss = nll + w * penalty
+        if rescale and w > 1.0:
+            loss = loss / w
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        torch.testing.assert_close(stats["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(stats["penalty"], penalty.detach(), rtol=1e-5, atol=1e-7)
+        for a, b in zip(alg.network.parameters(), ref.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        if step == 0:
+            assert alg.optimizer is first_opt
+    assert alg.optimizer is not first_opt  # reset when update_count == anneal_iters, as DomainBed

@@ -1,13 +1,18 @@
 """Invariance penalties over per-domain risks: IRM (Arjovsky et al. 2019) and V-REx
-(Krueger et al. 2021), as in DomainBed: the penalty weight switches on after an annealing
-period, and the optimizer is reset then (Adam's moments are wrong for the new objective)."""
+(Krueger et al. 2021), as in DomainBed: loss = nll + w * penalty with w = 1 during the first
+`<name>_penalty_anneal_iters` updates and w = `<name>_lambda` from then on, and the optimizer
+is reset at the switch (Adam's moments are wrong for the new objective).
+
+`<name>_loss_rescale` (default False, as DomainBed) divides the loss by w once w > 1, as the
+original IRM colored-MNIST script does (it keeps the gradient scale of the nll; DomainBed
+does not rescale)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ..profile import phase
-from .base import ERM, check_int, check_real
+from .base import ERM, check_bool, check_int, check_real
 
 
 class _Penalised(ERM):
@@ -19,6 +24,7 @@ class _Penalised(ERM):
         n = cls.penalty_name
         check_real(hparams, f"{n}_lambda", low=0)
         check_int(hparams, f"{n}_penalty_anneal_iters", low=0)
+        check_bool(hparams, f"{n}_loss_rescale")
 
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)
@@ -37,8 +43,8 @@ class _Penalised(ERM):
             nll = torch.stack([F.cross_entropy(p, y) for p, y in zip(parts, ys)]).mean()
             pen = self.penalty(parts, ys)  # IRM's penalty differentiates (create_graph) inside the forward
             loss = nll + weight * pen
-            if weight > 1.0:
-                loss = loss / weight  # DomainBed's rescaling keeps the gradient scale of the nll
+            if weight > 1.0 and self.hparams[f"{self.penalty_name}_loss_rescale"]:
+                loss = loss / weight  # the original IRM script's rescaling (not DomainBed's)
         if self.steps_done == anneal:
             with phase("optimizer"):
                 self.optimizer = self.make_optimizer(self.network.parameters())
@@ -54,7 +60,7 @@ class _Penalised(ERM):
 
 
 class IRM(_Penalised):
-    HPARAMS = {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500}
+    HPARAMS = {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500, "irm_loss_rescale": False}
     penalty_name = "irm"
 
     def penalty(self, logits_list, ys):
@@ -69,7 +75,7 @@ class IRM(_Penalised):
 
 
 class VREx(_Penalised):
-    HPARAMS = {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500}
+    HPARAMS = {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500, "vrex_loss_rescale": False}
     penalty_name = "vrex"
 
     def penalty(self, logits_list, ys):
