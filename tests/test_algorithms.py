@@ -117,6 +117,26 @@ def test_update_marks_forward_backward_and_optimizer_phases(name):
         assert set(s["phase_tree"]["categories"]["children"]) == {"forward", "assign"}
 
 
+def test_seed_categories_refuse_domainbed_update_and_point_at_the_supported_path():
+    alg = get_algorithm("SeedCategories")(SHAPE, CLASSES, DOMAINS, {"batch_size": 8})
+    before = [p.detach().clone() for p in alg.parameters()]
+    with pytest.raises(NotImplementedError, match=r"fastdg train --algorithm SeedCategories.*update_categories"):
+        alg.update(batches())
+    assert all(torch.equal(a, b) for a, b in zip(before, alg.parameters()))  # GroupDRO's update did not run
+
+
+def test_seed_categories_total_batch_is_fixed_or_refused():
+    make = get_algorithm("SeedCategories")
+    # per class: 10 classes x 3 domains x k 2 = 60 categories; batch 20 x 3 domains = 60 rows, one each
+    alg = make(SHAPE, CLASSES, DOMAINS, {"batch_size": 20, "seed_k": 2, "seed_per_class": True})
+    assert alg.num_categories == 60 and alg.per_category() == 1
+    # 21 x 3 = 63 rows: rounded down to the largest multiple of |C| (60), never above
+    assert make(SHAPE, CLASSES, DOMAINS, {"batch_size": 21, "seed_k": 2, "seed_per_class": True}).per_category() == 1
+    assert make(SHAPE, CLASSES, DOMAINS, {"batch_size": 16}).per_category() * 12 == 16 * 3
+    with pytest.raises(ValueError, match=r"60 categories, but the total batch .* = 57 .* batch_size to >= 20"):
+        make(SHAPE, CLASSES, DOMAINS, {"batch_size": 19, "seed_k": 2, "seed_per_class": True})
+
+
 BAD_HPARAMS = [  # (algorithm, hparams, exception, message naming the hyper-parameter)
     ("ERM", {"lr": "0.1"}, TypeError, "lr must be a number"),
     ("ERM", {"lr": 0.0}, ValueError, "lr must be a finite number > 0"),

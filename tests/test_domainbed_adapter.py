@@ -234,3 +234,23 @@ def test_stats_to_floats():
                            "d": torch.tensor(1, dtype=torch.int64)})
     assert out == {"a": 2.5, "b": 2.0, "c": 7, "d": 1.0}
     assert all(type(out[k]) is float for k in "abd")
+
+
+def test_domainbed_hparams_are_checked_and_seed_categories_update_is_refused(domainbed):
+    """Random DomainBed hparams (numpy scalars included) pass fastdg's checks; a bad value fails
+    in the constructor, naming it; SeedCategories (wrapped by hand: register refuses it) raises
+    instead of silently running GroupDRO's update."""
+    from fastdg.algorithms import SeedCategories
+    from fastdg.algorithms.domainbed import wrap
+
+    algorithms, registry = domainbed
+    register(algorithms, registry, names=["SelfBalanced"])
+    hp = registry.random_hparams("SelfBalanced", "RotatedMNIST", 3)
+    hp["batch_size"] = np.int64(8)
+    cls = algorithms.get_algorithm_class("SelfBalanced")
+    cls((1, 8, 8), 4, 3, hp).update(_minibatches(3))
+    with pytest.raises(ValueError, match="hyper-parameter lr must be a finite number > 0"):
+        cls((1, 8, 8), 4, 3, {**hp, "lr": -1e-3})
+    seed = wrap(SeedCategories)((1, 8, 8), 4, 3, {"batch_size": 8})
+    with pytest.raises(NotImplementedError, match="update_categories"):
+        seed.update(_minibatches(3))

@@ -7,6 +7,16 @@ and the weights q over categories are reset to 1/|C|. Each step the trainer draw
 tensor and image data sets alike), and the robust loss sum_c q_c L_c is minimised with q
 updated exactly as GroupDRO's (eta = 0.01), fused.
 
+The total batch stays batch_size x domains (METHODS.md section 3): per_category =
+floor(batch_size x domains / |C|), so a step holds the largest multiple of |C| not above it
+(exactly batch_size x domains when |C| divides it). A total batch smaller than |C| (one
+sample per category would already exceed it; e.g. seed_per_class with many classes) is
+refused by check_hparams.
+
+DomainBed's update(minibatches) (one batch per domain) cannot run this algorithm: the
+samples' categories are unknown there. It raises NotImplementedError; use fastdg's trainer,
+or recompute_categories + sample_categories + update_categories on a pool held in memory.
+
 The pool statistics (per-sample loss, features for k-means) come from an eval-mode forward
 pass over the pool: `pool_statistics` on each batch, then `assign_categories`. The trainer
 takes them from the evaluation pass it runs anyway when a re-distribution falls on an
@@ -32,23 +42,45 @@ class SeedCategories(GroupDRO):
     samples_by_category = True
 
     @classmethod
+    def num_categories_for(cls, hparams, num_classes, num_domains) -> int:
+        """|C|: seed_k categories in each domain (each domain x class with seed_per_class)."""
+        return num_domains * (num_classes if hparams["seed_per_class"] else 1) * hparams["seed_k"]
+
+    @classmethod
     def check_hparams(cls, hparams, num_classes=None, num_domains=None):
         super().check_hparams(hparams, num_classes, num_domains)
         check_choice(hparams, "seed_method", ("loss_rank", "kmeans"))
         check_int(hparams, "seed_k", low=1)
         check_int(hparams, "seed_t0", low=1)
         check_bool(hparams, "seed_per_class")
+        if num_classes is None or num_domains is None:
+            return
+        n_cat, total = cls.num_categories_for(hparams, num_classes, num_domains), hparams["batch_size"] * num_domains
+        if total < n_cat:
+            per = (f"seed_k={hparams['seed_k']} x {num_classes} classes x {num_domains} domains"
+                   if hparams["seed_per_class"] else f"seed_k={hparams['seed_k']} x {num_domains} domains")
+            raise ValueError(f"SeedCategories: {per} = {n_cat} categories, but the total batch batch_size x "
+                             f"domains = {hparams['batch_size']} x {num_domains} = {total} cannot hold one sample "
+                             f"of each; raise batch_size to >= {-(-n_cat // num_domains)} or lower seed_k")
 
     def __init__(self, input_shape, num_classes, num_domains, hparams=None):
         super().__init__(input_shape, num_classes, num_domains, hparams)  # checks the hparams
-        groups = num_domains * (num_classes if self.hparams["seed_per_class"] else 1)
-        self.num_categories = groups * self.hparams["seed_k"]
+        self.num_categories = self.num_categories_for(self.hparams, num_classes, num_domains)
         self.register_buffer("q", torch.full((self.num_categories,), 1.0 / self.num_categories))
         self.register_buffer("categories", torch.zeros(0, dtype=torch.int64))
 
     def per_category(self) -> int:
-        """Samples per category, keeping the total batch of batch_size x domains."""
-        return max(1, self.hparams["batch_size"] * self.num_domains // self.num_categories)
+        """Samples per category: the total batch stays batch_size x domains (rounded down to a
+        multiple of |C|; check_hparams refuses a total smaller than |C|)."""
+        return self.hparams["batch_size"] * self.num_domains // self.num_categories
+
+    def update(self, minibatches, unlabeled=None):
+        raise NotImplementedError(
+            "SeedCategories cannot train from DomainBed's update(minibatches): its batches are drawn per seed "
+            "category and the rows' categories are unknown there (GroupDRO's update would silently run instead). "
+            "Use fastdg's trainer (`fastdg train --algorithm SeedCategories`, fastdg.train.Trainer), or on a pool "
+            "held in memory: recompute_categories(x, y, domain), then per step sample_categories(generator) "
+            "and update_categories(x[idx], y[idx], category)")
 
     def due(self, step: int) -> bool:
         return self.categories.numel() == 0 or step % self.hparams["seed_t0"] == 0
