@@ -320,6 +320,30 @@ def test_reseed_padded_path_matches_sorts():
     assert not torch.equal(got, C)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_reseeding_as_on_gpu(backend, dtype, monkeypatch):
+    """The GPU's loop (reseed every iteration, masked by `empty`, through the padded top-k for
+    fp32) gives the CPU's result (reseed only when a cluster is empty), here with duplicates
+    that empty clusters in most groups."""
+    gen = torch.Generator().manual_seed(20)
+    base = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    x = torch.cat([base.repeat(12, 1), torch.randn(90, 3, generator=gen, dtype=torch.float64)]).to(dtype)
+    group = torch.arange(x.shape[0]) % 4
+    k = torch.tensor([7, 3, 9, 6])
+    calls = []
+    reseed = R.reseed_empty
+    monkeypatch.setattr(R, "reseed_empty", lambda *a: calls.append(int(a[1].sum())) or reseed(*a))
+    want = kmeans(x, k, group, init="random", seed=1, backend=backend)
+    assert sum(calls) > 0  # the CPU loop did meet empty clusters
+    on_cpu = len(calls)
+    monkeypatch.setattr(R, "MASKED_RESEED_ON_CPU", True)
+    got = kmeans(x, k, group, init="random", seed=1, backend=backend)
+    assert len(calls) - on_cpu >= int(want.n_iter.max()) - 1 > on_cpu  # ... the masked loop at every step
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
 def test_chunk_spans():
     off = torch.tensor([0, 10, 20, 100, 105, 110, 111])
     assert R.chunk_spans(off, 1, 25) == [(0, 2), (2, 3), (3, 6)]  # a group over the budget runs alone

@@ -363,6 +363,10 @@ def lloyd(kernels, lay: Layout, *, max_iter, tol, init, seed, sync_every, chunk_
     return KMeansResult(*(torch.cat(t) for t in zip(*parts)))
 
 
+# True: reseed every iteration, masked, as on a GPU (lets CPU tests run the GPU's code path).
+MASKED_RESEED_ON_CPU = False
+
+
 def _lloyd(kernels, lay: Layout, draws, carry, *, max_iter, tol, sync_every) -> KMeansResult:
     x, off, k, kmax = lay.x, lay.offsets, lay.k, lay.kmax
     acc, dev, G = acc_dtype(x.dtype), x.device, k.numel()
@@ -377,7 +381,7 @@ def _lloyd(kernels, lay: Layout, draws, carry, *, max_iter, tol, sync_every) -> 
     prev = torch.zeros(G, dtype=acc, device=dev)
     n_iter = torch.zeros(G, dtype=torch.int64, device=dev)
     active = torch.ones(G, dtype=torch.bool, device=dev)
-    on_cpu = dev.type == "cpu"
+    on_cpu = dev.type == "cpu" and not MASKED_RESEED_ON_CPU
     # Built once: on a GPU every iteration reseeds (masked), through this O(N) view.
     pad = None if on_cpu or kmax == 1 else padded_view(lay)
     for it in range(1, max_iter + 1):
