@@ -4,6 +4,8 @@ Pretrained weights are read only from a local path: nothing is downloaded at run
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -63,8 +65,7 @@ class ResNet(nn.Module):
             raise ValueError(f"resnet depth must be 18 or 50, got {depth}")
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
         if weights:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            net.load_state_dict(state)
+            _load_weights(net, weights, depth)
         if input_shape[0] != 3:
             net.conv1 = nn.Conv2d(input_shape[0], 64, 7, 2, 3, bias=False)
         self.n_outputs = net.fc.in_features
@@ -91,6 +92,26 @@ class ResNet(nn.Module):
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
         return self
+
+
+def _load_weights(net, path, depth):
+    """A torchvision resnet state_dict from a local file, with or without its fc layer (the
+    featurizer drops fc anyway)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained weights: no such file {os.fspath(path)!r} (a local state_dict; "
+                                "fastdg never downloads weights)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights {os.fspath(path)!r}: expected a state_dict, got {type(state).__name__}")
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"pretrained weights {os.fspath(path)!r} do not fit torchvision's resnet{depth}: "
+                         f"{exc}") from None
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ValueError(f"pretrained weights {os.fspath(path)!r} do not fit torchvision's resnet{depth}: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def featurizer(input_shape, hparams) -> nn.Module:
