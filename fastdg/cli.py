@@ -2,8 +2,8 @@
 
     fastdg train [--dataset RotatedDigits] [--algorithm ERM GroupDRO] [--test-envs all|0 1 ..]
                  [--leave-one-out] [--steps N] [--hparams JSON] [--progress auto|bar|lines|none]
-                 --output-dir DIR
-    fastdg report DIR [--plots]
+                 [--profile-trace PATH] --output-dir DIR
+    fastdg report DIR [--plots | --no-plots]
     fastdg info
 
 `fastdg train` with no other arguments runs the main job: leave-one-domain-out training of ERM
@@ -13,8 +13,13 @@ time per round, peak memory and the phase breakdown, and writing DIR/summary.jso
 run directory per (algorithm, test environments): DIR/<algorithm>/test<e>[_<v>].
 
 Every error that can be found before training (unknown algorithm, data set or
-hyper-parameter, a bad value, a test environment that does not exist, an output directory
-holding another run) stops the command before any run starts. Progress goes to stderr (a
+hyper-parameter, a bad value or type, a missing pretrained_path, a device that is not there,
+a test environment that does not exist, an output directory holding another run or the
+results of another invocation) stops the command before any run starts. DIR/invocation.json
+records the runs an invocation trains: running the same command again resumes or re-reads
+them; a different command into the same DIR is refused (its summary.json would replace
+this one's). --profile-trace PATH writes one bounded torch.profiler trace per run: PATH
+itself for a single run, else PATH with ".<algorithm>_test<envs>" before its extension. Progress goes to stderr (a
 redrawn bar on a terminal, one line per evaluation otherwise); tables go to stdout.
 --leave-one-out also trains the runs that hold out one more training domain, which DomainBed's
 leave-one-domain-out cross-validation needs (N(N-1)/2 more runs for --test-envs all).
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 from . import __version__
 
@@ -65,14 +71,18 @@ def build_parser():
     t.add_argument("--deterministic", action="store_true")
     t.add_argument("--image-size", type=int, default=224, help="image data sets: network input side")
     t.add_argument("--num-workers", type=int, default=None, help="image data sets: loader worker processes")
-    t.add_argument("--profile-trace", default=None, help="write a torch.profiler trace to this path")
+    t.add_argument("--profile-trace", default=None,
+                   help="write a torch.profiler (Chrome JSON) trace of a few steps of each run: this path for one "
+                        "run, <stem>.<algorithm>_test<envs><ext> for several")
     t.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
                    help="stderr progress: a bar on a terminal, lines otherwise (auto)")
     t.add_argument("--output-dir", default="runs/fastdg")
 
     r = sub.add_parser("report", help="markdown tables (and plots) of the runs under a directory")
     r.add_argument("dir")
-    r.add_argument("--plots", action="store_true", help="also write accuracy, loss and phase plots (matplotlib)")
+    r.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
+                   help="write DIR/report.png (accuracy, loss and phase plots; matplotlib). Default: when "
+                        "matplotlib is installed")
 
     sub.add_parser("info", help="which backends work here (python -m fastdg.info)")
     return p
@@ -99,6 +109,59 @@ def run_dir(output_dir, cfg):
     return os.path.join(output_dir, cfg.algorithm, "test" + "_".join(map(str, cfg.test_envs)))
 
 
+def trace_path(path, cfg, several):
+    """The trace file of one run: `path` for a single run, else one file per run beside it."""
+    if not path or not several:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{cfg.algorithm}_test{'_'.join(map(str, cfg.test_envs))}{ext or '.json'}"
+
+
+INVOCATION = "invocation.json"
+
+
+def invocation_key(output_dir, configs) -> dict:
+    """What identifies one `fastdg train` invocation: its runs (directories and arguments)."""
+    from .train import _config_key
+
+    key = {"runs": [{"dir": os.path.relpath(run_dir(output_dir, c), output_dir), "config": _config_key(c)}
+                    for c in configs]}
+    return json.loads(json.dumps(key))  # tuples -> lists, as read back from the file
+
+
+def check_invocation(output_dir, key) -> None:
+    """Refuse an output directory written by a different invocation (its summary.json and
+    run list would be replaced by this one's). Older directories without invocation.json are
+    compared through the run configurations in their summary.json. Writes nothing."""
+    path, summary = os.path.join(output_dir, INVOCATION), os.path.join(output_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    elif os.path.exists(summary):
+        with open(summary) as f:
+            runs = json.load(f).get("runs", [])
+        old = {"runs": [{"config": r.get("config")} for r in runs]}
+        key = {"runs": [{"config": r["config"]} for r in key["runs"]]}
+    else:
+        return
+    if old == key:
+        return
+    o_runs, n_runs = old.get("runs", []), key["runs"]
+
+    def names(runs):
+        return [r.get("dir") or f"{r['config']['algorithm']} test {r['config']['test_envs']}" for r in runs][:6]
+
+    why = []
+    if [r.get("dir") for r in o_runs] != [r.get("dir") for r in n_runs] or len(o_runs) != len(n_runs):
+        why.append(f"runs {names(o_runs)} -> {names(n_runs)}")
+    fields = sorted({k for a, b in zip(o_runs, n_runs) for k in set(a["config"]) | set(b["config"])
+                     if a["config"].get(k) != b["config"].get(k)})
+    if fields:
+        why.append(f"arguments {fields}")
+    raise ValueError(f"output directory {output_dir} holds the results of another `fastdg train` invocation "
+                     f"(differs in {'; '.join(why)}); choose another --output-dir or delete it")
+
+
 def cmd_train(args) -> int:
     from . import data as fdata
     from .report import load_records, runs_table, selection_results, selection_tables
@@ -116,7 +179,7 @@ def cmd_train(args) -> int:
             raise ValueError(f"output directory {args.output_dir} holds a single run (run.json); "
                              "choose another --output-dir")
         for alg in args.algorithm:  # names and hyper-parameters before loading any data
-            check_config(RunConfig(algorithm=alg, hparams=hparams, steps=args.steps,
+            check_config(RunConfig(dataset=args.dataset, algorithm=alg, hparams=hparams, steps=args.steps,
                                    checkpoint_freq=args.checkpoint_freq, holdout_fraction=args.holdout_fraction,
                                    image_size=args.image_size, num_workers=args.num_workers, device=args.device))
         dataset = fdata.get_dataset(args.dataset, args.data_dir, seed=args.seed)
@@ -131,10 +194,17 @@ def cmd_train(args) -> int:
                                 compile=args.compile, deterministic=args.deterministic,
                                 profile_trace=args.profile_trace, image_size=args.image_size,
                                 num_workers=args.num_workers)
-                check_config(cfg, dataset)  # every error before any work
-                check_run_dir(run_dir(args.output_dir, cfg), cfg)
                 configs.append(cfg)
-    except ValueError as exc:
+        configs = [replace(c, profile_trace=trace_path(args.profile_trace, c, len(configs) > 1)) for c in configs]
+        for cfg in configs:
+            check_config(cfg, dataset)  # every error before any work
+            check_run_dir(run_dir(args.output_dir, cfg), cfg)
+        key = invocation_key(args.output_dir, configs)
+        check_invocation(args.output_dir, key)
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, INVOCATION), "w") as f:
+            json.dump(key, f, indent=1)
+    except (ValueError, TypeError, OSError) as exc:  # bad names, values, types, paths: a message, no traceback
         raise SystemExit(f"fastdg: {exc}") from None
 
     print(f"fastdg train: {args.dataset} ({len(dataset.environments)} environments: "
@@ -146,7 +216,7 @@ def cmd_train(args) -> int:
         print(f"run {k + 1}/{len(configs)}: {d}", file=sys.stderr)
         try:
             trainer = Trainer(cfg, d, dataset=dataset, progress=args.progress)
-        except ValueError as exc:
+        except (ValueError, TypeError, OSError) as exc:
             raise SystemExit(f"fastdg: {exc}") from None
         s = trainer.run()
         s["path"] = d

@@ -21,6 +21,7 @@ import resource
 import sys
 import threading
 import time
+import warnings
 from collections import defaultdict
 
 import torch
@@ -250,15 +251,36 @@ def _percentiles(values):
     return {"mean": float(t.mean()), "p50": q[0], "p90": q[1], "p99": q[2], "max": float(t.max())}
 
 
+TRACE_STEPS = 3  # steps a torch.profiler trace records (after one skipped step and one warm-up step)
+
+
+def trace_schedule(steps: int, active: int = TRACE_STEPS) -> dict:
+    """torch.profiler.schedule arguments for a run of `steps` steps: skip the first step (lazy
+    initialisation), warm up one, record `active`, once; shorter runs shrink wait and warm-up
+    first, so at least one step is always recorded."""
+    steps = max(int(steps), 1)
+    wait = 1 if steps >= 3 else 0
+    warmup = 1 if steps >= 2 else 0
+    return {"wait": wait, "warmup": warmup, "active": max(1, min(active, steps - wait - warmup)), "repeat": 1}
+
+
 @contextlib.contextmanager
-def torch_trace(path: str | None, device="cpu"):
-    """Export a torch.profiler (Chrome) trace of the enclosed steps to `path`, if given."""
+def torch_trace(path: str | None, device="cpu", steps: int = TRACE_STEPS + 2, active: int = TRACE_STEPS):
+    """A torch.profiler (Chrome) trace of a few steps, written to `path` (if given) once they are
+    recorded (or when the block ends first). Bounded: the caller calls .step() on the yielded
+    profiler after every step, and only the steps of trace_schedule(steps, active) are
+    recorded, whatever the run's length. Yields None without a path."""
     if not path:
         yield None
         return
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.device(device).type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts, record_shapes=True, profile_memory=True) as prof:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*won't be using warmup.*")  # one-step runs have none
+        sched = torch.profiler.schedule(**trace_schedule(steps, active))
+    with torch.profiler.profile(activities=acts, schedule=sched, record_shapes=True, profile_memory=True,
+                                on_trace_ready=lambda p: p.export_chrome_trace(path)) as prof:
         yield prof
-    prof.export_chrome_trace(path)

@@ -1,6 +1,7 @@
 """Model selection (DomainBed's three methods) and `fastdg report DIR`: every run under DIR as
 markdown tables (accuracy under each selection method, time per round, peak memory, phase
-breakdown) and optional matplotlib plots.
+breakdown) and, when matplotlib is installed (or --plots), DIR/report.png: test-domain accuracy
+and training loss per step, and the phase breakdown per run.
 
 Model selection follows DomainBed's domainbed/model_selection.py and collect_results.py,
 applied to the records fastdg writes (results.jsonl: one line per evaluation, DomainBed's
@@ -358,7 +359,17 @@ def runs_table(runs) -> str:
     return "\n".join(lines)
 
 
-def report(root, plots=False) -> str:
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def report(root, plots=None) -> str:
+    """Markdown tables of every run under `root`; plots: True writes root/report.png (a note
+    when matplotlib is missing), False never, None (default) when matplotlib is installed."""
+    if plots is None:
+        plots = _have_matplotlib()
     runs = load_runs(root)
     records = load_records(root)
     if not runs and not records:

@@ -7,7 +7,13 @@ the last evaluation (loss, ...), step_time, env{i}_in_acc, env{i}_out_acc, mem_g
 hparams), checkpoint.pt (the latest state) and, when finished, summary.json (the profile of
 the round and the per-run model selection). `step` is the number of updates done.
 A killed run started again with the same arguments resumes from checkpoint.pt and reaches the
-same final weights as an uninterrupted run (sampling and RNG states are saved).
+same final weights as an uninterrupted run (sampling, torch, CUDA, Python `random` and numpy
+RNG states are saved). On resume results.jsonl is rewritten from the checkpoint's records, so
+a kill between writing a record and saving the checkpoint leaves no duplicate line; a run
+killed before its first checkpoint starts again from scratch with an empty results.jsonl.
+Records carry DomainBed's args.hparams_seed (0: the default hyper-parameters; otherwise a
+stable hash of the values that differ from the defaults) so that DomainBed's
+collect_results can group them.
 
 Algorithms that sample by seed category (SeedCategories) draw their batches from
 DomainStreams in category mode, for tensor and image data sets alike. Their re-distribution
@@ -24,6 +30,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -33,8 +40,8 @@ from . import algorithms as algs
 from .profile import RoundProfiler, phase, torch_trace
 from .report import SELECTION_METHODS, run_selection
 
-__all__ = ["RunConfig", "Trainer", "check_config", "check_run_dir", "prepare_run_dir", "Progress", "select",
-           "SELECTION_METHODS"]
+__all__ = ["RunConfig", "Trainer", "check_config", "check_device", "check_run_dir", "hparams_seed", "prepare_run_dir",
+           "Progress", "run_hparams", "select", "SELECTION_METHODS"]
 
 # Per-data-set defaults under the user's hyper-parameters. The digit sets have 1,797 images
 # in all: 16 per domain per step keeps a 2-core CPU demo near a minute.
@@ -69,16 +76,75 @@ class RunConfig:
         return torch.device(self.device)
 
 
-def check_config(cfg: RunConfig, dataset=None):
-    """Every error that can be found before any work: unknown names, bad values, bad environments."""
+def run_hparams(cfg: RunConfig, dataset=None) -> dict:
+    """The hyper-parameters the run's algorithm gets (data-set defaults under the user's),
+    resolved against the algorithm's names and defaults."""
     cls = algs.get_algorithm(cfg.algorithm)
-    hp = algs.base.resolve_hparams(cls, cfg.hparams)
-    check = getattr(cls, "check_hparams", None)
-    if check is not None:
-        check(hp)
-    if cfg.steps < 1:
+    given = {**DATASET_HPARAMS.get(dataset.name if dataset is not None else cfg.dataset, {}), **cfg.hparams}
+    return algs.base.resolve_hparams(cls, given)
+
+
+def hparams_seed(cfg: RunConfig, hparams: dict, dataset=None) -> int:
+    """DomainBed's args.hparams_seed for the records: 0 when `hparams` (resolved) are the
+    defaults of the algorithm on this data set (DomainBed: 0 means the default hparams), else a
+    stable 31-bit hash of the values that differ, so that records of different
+    configurations fall into different DomainBed groups."""
+    defaults = run_hparams(RunConfig(dataset=cfg.dataset, algorithm=cfg.algorithm), dataset)
+    diff = {k: v for k, v in hparams.items() if defaults.get(k) != v}
+    if not diff:
+        return 0
+    return zlib.crc32(json.dumps(diff, sort_keys=True, default=str).encode()) % (2**31 - 1) + 1
+
+
+def check_device(cfg: RunConfig) -> torch.device:
+    try:
+        dev = cfg.resolved_device()
+    except RuntimeError as exc:
+        raise ValueError(f"device {cfg.device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device!r}: no CUDA device is available here (torch.cuda.is_available() "
+                             "is False); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {cfg.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {cfg.device!r}: fastdg trains on 'cpu' or 'cuda' (or 'auto')")
+    return dev
+
+
+def check_pool_sizes(cfg: RunConfig, dataset, hparams) -> None:
+    """Seed categories: every domain (every domain x class with seed_per_class) of the training
+    pool needs at least seed_k samples, or some of its categories would be empty."""
+    from . import data as fdata
+
+    k, per_class = hparams["seed_k"], hparams["seed_per_class"]
+    small = []
+    for i, name in enumerate(dataset.environments):
+        if i in cfg.test_envs:
+            continue
+        idx = fdata.split_holdout(len(dataset[i]), cfg.holdout_fraction, seed=(cfg.trial_seed, i))[0]
+        if not per_class:
+            if len(idx) < k:
+                small.append(f"{name}: {len(idx)}")
+            continue
+        counts = torch.bincount(dataset[i].y[idx], minlength=dataset.num_classes)
+        small += [f"{name} class {c}: {int(n)}" for c, n in enumerate(counts.tolist()) if n < k]
+    if small:
+        cell = "domain x class" if per_class else "domain"
+        raise ValueError(f"seed_k={k} categories per {cell} need at least {k} training samples in each; "
+                         f"too few in {small[:8]}{' ...' if len(small) > 8 else ''}")
+
+
+def check_config(cfg: RunConfig, dataset=None):
+    """Every error that can be found before any work: unknown names, bad values (ValueError or
+    TypeError naming the hyper-parameter; FileNotFoundError for a missing pretrained_path), a
+    device that is not there, bad environments, a seed-category split the data cannot fill."""
+    cls = algs.get_algorithm(cfg.algorithm)
+    hp = run_hparams(cfg, dataset)
+    cls.check_hparams(hp)
+    if isinstance(cfg.steps, bool) or not isinstance(cfg.steps, int) or cfg.steps < 1:
         raise ValueError(f"steps must be >= 1, got {cfg.steps}")
-    if cfg.checkpoint_freq < 1:
+    if isinstance(cfg.checkpoint_freq, bool) or not isinstance(cfg.checkpoint_freq, int) or cfg.checkpoint_freq < 1:
         raise ValueError(f"checkpoint_freq must be >= 1, got {cfg.checkpoint_freq}")
     if not 0.0 < cfg.holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must be in (0, 1), got {cfg.holdout_fraction}")
@@ -88,10 +154,9 @@ def check_config(cfg: RunConfig, dataset=None):
         raise ValueError(f"num_workers must be a non-negative int, got {cfg.num_workers!r}")
     if not cfg.test_envs:
         raise ValueError("at least one test environment is needed")
-    try:
-        cfg.resolved_device()
-    except RuntimeError as exc:
-        raise ValueError(f"device {cfg.device!r}: {exc}") from None
+    if cfg.profile_trace and os.path.isdir(cfg.profile_trace):
+        raise ValueError(f"profile trace {cfg.profile_trace!r} is a directory; give a file path")
+    check_device(cfg)
     if dataset is not None:
         n = len(dataset.environments)
         bad = [e for e in cfg.test_envs if not 0 <= e < n]
@@ -100,6 +165,9 @@ def check_config(cfg: RunConfig, dataset=None):
                              f"environments {list(dataset.environments)} (0..{n - 1})")
         if len(set(cfg.test_envs)) >= n:
             raise ValueError("at least one environment must remain for training")
+        cls.check_hparams(hp, dataset.num_classes, n - len(set(cfg.test_envs)))
+        if getattr(cls, "samples_by_category", False):
+            check_pool_sizes(cfg, dataset, hp)
 
 
 def _seed_everything(seed):
@@ -241,8 +309,6 @@ class Trainer:
         self.dataset = dataset if dataset is not None else fdata.get_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
         check_config(cfg, self.dataset)
         self.resume = prepare_run_dir(out_dir, cfg)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
         _seed_everything(cfg.seed)
         ds = self.dataset
         n_env = len(ds.environments)
@@ -264,7 +330,6 @@ class Trainer:
         self.streams = fdata.DomainStreams(ds, self.train_envs, self.batch_size, self.device, seed=cfg.seed,
                                            subsets=subsets, **extra, **self._loader_kw)
         if self.by_category:
-            self._check_pool_sizes(subsets)
             self.pool_y = torch.cat([ds[i].y[s] for i, s in zip(self.train_envs, subsets)]).to(self.device)
             self.pool_domain = torch.cat([torch.full((len(s),), d, dtype=torch.int64)
                                           for d, s in enumerate(subsets)]).to(self.device)
@@ -273,15 +338,25 @@ class Trainer:
         self.records, self.start_step = [], 0
         self._window = {}  # statistic -> device sum over the steps since the last evaluation
         self._window_steps = 0
+        self.hparams_seed = hparams_seed(cfg, self.alg.hparams, ds)
         if self.resume:
             self._load_checkpoint()
+        # results.jsonl holds exactly the records of the state we start from: the checkpoint's
+        # (a kill after a record was written but before its checkpoint was saved left one more
+        # line), or none when starting from scratch (a kill before the first checkpoint)
+        self._write_results()
 
-    def _check_pool_sizes(self, subsets):
-        k = self.alg.hparams["seed_k"]
-        small = [(self.dataset.environments[i], len(s)) for i, s in zip(self.train_envs, subsets) if len(s) < k]
-        if small:
-            raise ValueError(f"seed_k={k} categories per domain need at least {k} training samples per domain; "
-                             f"got {small}")
+    def _results_path(self):
+        return os.path.join(self.out_dir, "results.jsonl")
+
+    def _write_results(self):
+        path = self._results_path()
+        if not self.records and not os.path.exists(path):
+            return
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.records)
+        os.replace(tmp, path)
 
     # ---- seed categories ----
     def _set_stream_categories(self):
@@ -359,6 +434,8 @@ class Trainer:
             "categories_step": getattr(self, "categories_step", None),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "python_rng": random.getstate(),  # fastdg draws nothing from these; user data code may
+            "numpy_rng": np.random.get_state(),
             "records": self.records,
         }
         tmp = self._checkpoint_path() + ".tmp"
@@ -381,6 +458,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "python_rng" in state:
+            random.setstate(state["python_rng"])
+            np.random.set_state(state["numpy_rng"])
         self.records = state["records"]
         self.start_step = state["step"]
         print(f"resuming {self.out_dir} from step {self.start_step}", file=self.log)
@@ -418,9 +498,10 @@ class Trainer:
         return result
 
     # ---- the loop ----
-    def train_step(self, step, update=None):
+    def train_step(self, step, update=None, update_categories=None):
         """One training step (re-distribution when due, data, update). Returns the algorithm's
-        statistics (device tensors)."""
+        statistics (device tensors). `update` / `update_categories`: replacements for the
+        algorithm's own (the compiled ones under --compile)."""
         alg = self.alg
         if self.by_category and alg.due(step) and self.categories_step != step:
             self.redistribute()
@@ -432,7 +513,7 @@ class Trainer:
                 y = torch.cat([b[1] for b in batches])
         with phase("update"), self.autocast():
             if self.by_category:
-                return alg.update_categories(x, y, self.step_categories)
+                return (update_categories or alg.update_categories)(x, y, self.step_categories)
             return (update or alg.update)(batches)
 
     def _accumulate(self, stats):
@@ -455,7 +536,7 @@ class Trainer:
         prof.fold()  # the evaluation synchronised already: reading the events costs nothing more
         rec["step_time"] = float(np.mean(prof.durations[durations:])) if len(prof.durations) > durations else 0.0
         rec["mem_gb"] = prof.peak_memory_bytes() / 2**30
-        rec["args"] = _config_key(self.cfg)
+        rec["args"] = {**_config_key(self.cfg), "hparams_seed": self.hparams_seed}
         rec["hparams"] = self.alg.hparams
         return rec
 
@@ -467,16 +548,30 @@ class Trainer:
             with open(done_path) as f:
                 return json.load(f)
         alg.train()
-        update = torch.compile(alg.update) if cfg.compile else alg.update
+        # --compile: the step's update (update_categories for seed categories; their
+        # re-distribution, an eval-mode pass every seed_t0 steps, stays eager)
+        update = update_cat = None
+        if cfg.compile:
+            if self.by_category:
+                update_cat = torch.compile(alg.update_categories)
+            else:
+                update = torch.compile(alg.update)
         prof = RoundProfiler(self.device)
         desc = f"{cfg.algorithm} test={list(cfg.test_envs)}"
         bar = Progress(cfg.steps, desc, stream=self.log, mode=self.progress_mode, start=self.start_step)
         seen = 0  # step durations already reported in a record
+        was_deterministic = torch.are_deterministic_algorithms_enabled()
+        was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        if cfg.deterministic:
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+            torch.use_deterministic_algorithms(True, warn_only=True)
         try:
-            with prof.activate(), torch_trace(cfg.profile_trace, self.device):
+            trace_ctx = torch_trace(cfg.profile_trace, self.device, steps=cfg.steps - self.start_step)
+            with prof.activate(), trace_ctx as trace:
                 for step in range(self.start_step, cfg.steps):
                     prof.step_start()
-                    stats = self.train_step(step, update)
+                    stats = self.train_step(step, update, update_cat)
                     self._accumulate(stats)
                     prof.step_done()
                     done = step + 1
@@ -485,7 +580,7 @@ class Trainer:
                         rec = self._record(done, prof, seen)
                         seen = len(prof.durations)
                         self.records.append(rec)
-                        with open(os.path.join(self.out_dir, "results.jsonl"), "a") as f:
+                        with open(self._results_path(), "a") as f:
                             f.write(json.dumps(rec, sort_keys=True) + "\n")
                         self.save_checkpoint(done)
                         tests = ", ".join(f"{self.dataset.environments[e]} {100 * rec[f'env{e}_in_acc']:.1f}%"
@@ -493,8 +588,12 @@ class Trainer:
                         loss = rec.get("loss", float("nan"))
                         bar.note(f"  [{desc}] step {done}/{cfg.steps} loss {loss:.3f} test acc {tests}",
                                  postfix=f" loss {loss:.3f}")
+                    if trace is not None:
+                        trace.step()
         finally:
             bar.close()
+            if cfg.deterministic:  # a process-wide switch: leave it as it was
+                torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
         profile = prof.summary()
         if self.start_step:
             profile["resumed_from_step"] = self.start_step

@@ -1,12 +1,14 @@
 """RoundProfiler: nested phases, step times, folding, the phase() hook the algorithms call,
-torch.compile and the CPU memory probe."""
+torch.compile, the CPU memory probe, and bounded torch.profiler traces."""
+import json
+import os
 import time
 
 import pytest
 import torch
 
 from fastdg.algorithms import get_algorithm
-from fastdg.profile import RoundProfiler, RssPeak, active_profiler, phase
+from fastdg.profile import RoundProfiler, RssPeak, active_profiler, phase, torch_trace, trace_schedule
 
 
 def test_phases_nest_under_the_open_phase_and_the_tree_adds_up():
@@ -100,9 +102,48 @@ def test_phase_under_torch_compile_records_nothing_and_breaks_no_graph():
 def test_rss_peak_sees_a_temporary_allocation():
     with RssPeak() as m:
         t = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        time.sleep(0.02)
+        # hold it until the sampler thread has run (it may wait for a core on a loaded machine)
+        for _ in range(500):
+            if m.peak_bytes - m.base_bytes > 48 * 2**20:
+                break
+            time.sleep(0.01)
         del t
     assert m.delta_bytes > 48 * 2**20 and m.peak_bytes >= m.base_bytes
+
+
+def _trace_steps(path):
+    events = json.load(open(path))["traceEvents"]  # Chrome trace JSON
+    return sorted(int(e["name"].split("#")[1]) for e in events if e.get("name", "").startswith("ProfilerStep#")
+                  and e.get("ph") == "X")
+
+
+def test_torch_trace_records_a_bounded_window_of_steps(tmp_path):
+    """However long the loop, the trace holds 3 steps (after 1 skipped, 1 warm-up); shorter
+    loops shrink the skipped and warm-up steps first; nothing is written without a path."""
+    assert trace_schedule(100) == {"wait": 1, "warmup": 1, "active": 3, "repeat": 1}
+    assert trace_schedule(2) == {"wait": 0, "warmup": 1, "active": 1, "repeat": 1}
+    assert trace_schedule(1) == {"wait": 0, "warmup": 0, "active": 1, "repeat": 1}
+    for n, want in ((20, [2, 3, 4]), (4, [2, 3]), (1, [0])):
+        path = tmp_path / f"sub{n}" / "trace.json"  # the folder is made
+        with torch_trace(str(path), steps=n) as prof:
+            for _ in range(n):
+                torch.randn(32, 32) @ torch.randn(32, 32)
+                prof.step()
+        assert _trace_steps(path) == want, n
+    with torch_trace(None) as prof:
+        assert prof is None
+
+
+def test_trainer_writes_its_trace(tmp_path):
+    from fastdg.train import RunConfig, Trainer
+
+    path = tmp_path / "trace.json"
+    cfg = RunConfig(algorithm="GroupDRO", steps=8, checkpoint_freq=4, hparams={"batch_size": 8},
+                    profile_trace=str(path))
+    Trainer(cfg, str(tmp_path / "run"), progress="none").run()
+    assert os.path.getsize(path) > 0 and _trace_steps(path) == [2, 3, 4]
+    names = {e.get("name") for e in json.load(open(path))["traceEvents"]}
+    assert "aten::convolution" in names or any("conv" in str(n) for n in names)
 
 
 @pytest.mark.gpu

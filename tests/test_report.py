@@ -131,7 +131,7 @@ def test_report_over_a_directory(tmp_path):
                                "forward": {"s": 0.7, "count": 3, "self_s": 0.7, "children": {}}}}}}}
     with open(tmp_path / "ERM" / "test0" / "lr0.001" / "summary.json", "w") as f:
         json.dump(summary, f)
-    text = R.report(str(tmp_path))
+    text = R.report(str(tmp_path), plots=False)
     sections = text.split("### ")
     iid = next(s for s in sections if s.startswith("Toy: training-domain"))
     loo = next(s for s in sections if s.startswith("Toy: leave-one-domain-out"))
@@ -141,13 +141,30 @@ def test_report_over_a_directory(tmp_path):
     assert "| GroupDRO | 50.0 |" in iid and "| GroupDRO | X |" in loo
     assert "not available: GroupDRO, held out a: needs the runs" in loo
     assert "update 0.80 (forward 0.70)" in text and "TTR (s)" in text
-    plots = R.report(str(tmp_path), plots=True)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        assert "plots skipped: matplotlib is not installed" in plots
-    else:
-        assert os.path.exists(tmp_path / "report.png")
+    assert not os.path.exists(tmp_path / "report.png")
+
+
+def _png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_plots(tmp_path, capsys):
+    """matplotlib is in the test extra: `fastdg report` writes DIR/report.png by default,
+    --no-plots does not, and the report names the file."""
+    from fastdg.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["train", "--algorithm", "ERM", "--test-envs", "1", "--steps", "2", "--checkpoint-freq", "1",
+                 "--hparams", '{"batch_size": 8}', "--progress", "none", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--no-plots"]) == 0
+    assert not os.path.exists(out / "report.png") and "plot:" not in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    assert f"plot: {out / 'report.png'}" in capsys.readouterr().out
+    assert _png(out / "report.png") and os.path.getsize(out / "report.png") > 10_000
+    os.remove(out / "report.png")
+    assert "plot:" in R.report(str(out), plots=True) and _png(out / "report.png")
 
 
 def test_report_on_an_empty_directory_is_an_error(tmp_path):
