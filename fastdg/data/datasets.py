@@ -115,6 +115,7 @@ class ImageEnvironment:
     paths: list
     y: torch.Tensor
     skipped: list = field(default_factory=list)  # (path, reason) of files left out at scan time
+    gif: list = field(default_factory=list)      # paths (kept) whose bytes are GIF: DALI cannot decode them
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -8,8 +8,11 @@ simply be left out:
 - an empty class folder -> ValueError (a class with no images cannot be learnt or tested);
 - a file that is empty, unreadable, or whose first bytes are not a known image format
   (JPEG, PNG, BMP, GIF, TIFF, WebP) -> left out, counted in `ds.skipped` / `env.skipped`,
-  and reported once with a warning. Files that look like images but fail to decode are
-  caught by the loaders, which raise an error naming the file.
+  and reported once with a warning (a dangling symlink counts as unreadable). Files that
+  look like images but fail to decode are caught by the loaders, which raise an error
+  naming the file;
+- GIF files are kept and listed in `env.gif`: DALI's decoder cannot read GIF, so the loaders
+  use the torch backend for them (backend="auto") or refuse backend="dali", naming the files.
 Classes are numbered by their sorted folder names, domains listed in sorted folder order.
 """
 from __future__ import annotations
@@ -25,21 +28,31 @@ from .datasets import DatasetNotFoundError, DomainDataset, ImageEnvironment, reg
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"), (b"GIF87a", "gif"),
+          (b"GIF89a", "gif"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
 
 
-def sniff_image(path: str) -> str | None:
-    """None if `path` starts like an image file, else why it is left out."""
+def sniff_format(path: str) -> tuple[str | None, str | None]:
+    """(format, None) when `path` starts like an image file ("jpeg", "png", "bmp", "gif",
+    "tiff", "webp"), else (None, why it is left out)."""
     try:
         with open(path, "rb") as f:
             head = f.read(12)
     except OSError as e:
-        return f"unreadable ({e.strerror or e})"
+        return None, f"unreadable ({e.strerror or e})"
     if not head:
-        return "empty file"
-    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return None
-    return "not a recognised image format (bad magic bytes)"
+        return None, "empty file"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt, None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp", None
+    return None, "not a recognised image format (bad magic bytes)"
+
+
+def sniff_image(path: str) -> str | None:
+    """None if `path` starts like an image file, else why it is left out."""
+    return sniff_format(path)[1]
 
 
 def _subdirs(path: str) -> list[str]:
@@ -77,28 +90,32 @@ def scan_image_folder(root: str, environments: list[str] | None = None):
                              "must hold every class so that labels mean the same thing in all domains")
     envs = []
     for d in domains:
-        paths, ys, skipped = [], [], []
+        paths, ys, skipped, gif = [], [], [], []
         for ci, c in enumerate(classes):
             cdir = os.path.join(root, d, c)
             names = sorted(f for f in os.listdir(cdir) if not f.startswith("."))
             kept = 0
             for f in names:
                 p = os.path.join(cdir, f)
-                if not os.path.isfile(p):
+                # A dangling symlink is an unreadable file (sniffing reports it); other
+                # non-files (folders, FIFOs) are not images and are passed over.
+                if not os.path.isfile(p) and not (os.path.islink(p) and not os.path.exists(p)):
                     continue
                 if not f.lower().endswith(IMAGE_EXTENSIONS):
                     skipped.append((p, "not an image file extension"))
                     continue
-                why = sniff_image(p)
+                fmt, why = sniff_format(p)
                 if why is not None:
                     skipped.append((p, why))
                     continue
                 paths.append(p)
                 ys.append(ci)
+                if fmt == "gif":
+                    gif.append(p)
                 kept += 1
             if kept == 0:
                 raise ValueError(f"class folder {cdir!r} holds no readable image files")
-        envs.append(ImageEnvironment(d, paths, torch.tensor(ys, dtype=torch.int64), skipped))
+        envs.append(ImageEnvironment(d, paths, torch.tensor(ys, dtype=torch.int64), skipped, gif))
     n_skip = sum(len(e.skipped) for e in envs)
     if n_skip:
         first = next(s for e in envs for s in e.skipped)

@@ -32,8 +32,10 @@ def _as_device(device) -> torch.device:
         raise TypeError(f"device must be a torch.device or a string such as 'cpu' or 'cuda:0', got {device!r}") from e
 
 
-def choose_backend(ds, backend: str = "auto") -> str:
-    """The loader backend for data set `ds` ("tensor" for tensor sets)."""
+def choose_backend(ds, backend: str = "auto", paths: list | None = None) -> str:
+    """The loader backend for data set `ds` ("tensor" for tensor sets). paths: the image files
+    the loader will read; DALI cannot decode GIF, so with GIF files among them "auto" picks
+    "torch" (with a warning) and "dali" raises, naming the files."""
     if not getattr(ds, "is_image", False):
         return "tensor"
     if backend == "auto":
@@ -43,6 +45,14 @@ def choose_backend(ds, backend: str = "auto") -> str:
     ok, why = dali_status()
     if backend == "dali" and not ok:
         raise RuntimeError(f"backend='dali' requested but {why}")
+    gifs = _gif_files(ds, paths) if backend != "torch" and ok else []
+    if gifs:
+        shown = ", ".join(gifs[:3]) + (", ..." if len(gifs) > 3 else "")
+        msg = f"DALI cannot decode GIF images and {len(gifs)} of the files to load are GIF ({shown})"
+        if backend == "dali":
+            raise ValueError(f"backend='dali': {msg}; convert them (e.g. to PNG) or use backend='torch'")
+        warnings.warn(f"{msg}; loading images with torch's DataLoader + PIL instead", RuntimeWarning, stacklevel=3)
+        return "torch"
     if backend == "auto":
         if ok:
             return "dali"
@@ -50,6 +60,16 @@ def choose_backend(ds, backend: str = "auto") -> str:
                       stacklevel=3)
         return "torch"
     return backend
+
+
+def _gif_files(ds, paths) -> list:
+    """The GIF files (found by the folder scan) among `paths` (None: all of ds), in order."""
+    gif = {p for env in getattr(ds, "datasets", ()) for p in getattr(env, "gif", ())}
+    if not gif:
+        return []
+    if paths is None:
+        paths = [p for env in ds.datasets for p in env.paths]
+    return list(dict.fromkeys(p for p in paths if p in gif))
 
 
 def _worker_context(num_workers):
@@ -212,12 +232,15 @@ class DomainStreams:
         self.subsets = [torch.arange(len(env)) if subsets is None else _check_subset(f"subsets[{k}]", subsets[k], len(env))
                         for k, env in enumerate(envs)]
         self.sizes = [int(s.numel()) for s in self.subsets]
-        self.backend = choose_backend(ds, backend)
+        paths = None
+        if getattr(ds, "is_image", False):
+            paths = [env.paths[i] for env, s in zip(envs, self.subsets) for i in s.tolist()]
+        self.backend = choose_backend(ds, backend, paths)
         self.transform_impl = "dali" if self.backend == "dali" else None
         if self.backend == "tensor":
             self._x = torch.cat([env.x[s] for env, s in zip(envs, self.subsets)]).to(self.device)
         else:
-            self._paths = [env.paths[i] for env, s in zip(envs, self.subsets) for i in s.tolist()]
+            self._paths = paths
         self._y = torch.cat([env.y[s] for env, s in zip(envs, self.subsets)]).to(self.device)
         sampler_dev = self.device if self.backend == "tensor" else torch.device("cpu")
         self.sampler = StepSampler(self.sizes, batch_size, sampler_dev, seed, categories, per_category,
@@ -314,12 +337,13 @@ class EvalLoader:
         self.start, self.stop = shard_range(self.subset.numel(), shard_id, num_shards)
         if self.stop <= self.start:
             raise ValueError(f"subset of {self.subset.numel()} samples leaves shard {shard_id} of {num_shards} empty")
-        self.backend = choose_backend(ds, backend)
+        paths = [env.paths[i] for i in self.subset.tolist()] if getattr(ds, "is_image", False) else None
+        self.backend = choose_backend(ds, backend, None if paths is None else paths[self.start:self.stop])
         self._y = env.y[self.subset].to(self.device)
         if self.backend == "tensor":
             self._x = env.x[self.subset[self.start:self.stop]].to(self.device)
         else:
-            self._paths = [env.paths[i] for i in self.subset.tolist()]
+            self._paths = paths
         self._pipe = None
         self._clean = True  # the DALI reader sits at a pass boundary
 
