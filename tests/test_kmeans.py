@@ -10,6 +10,7 @@ import torch.utils.deterministic
 
 import fastdg
 from fastdg import _ext
+from fastdg.cluster import KMeans
 from fastdg.ops import kmeans, kmeans_predict
 from fastdg.ops.kmeans import _CompiledKernels, register_fakes
 from fastdg.reference import kmeans as R
@@ -342,6 +343,21 @@ def test_masked_reseeding_as_on_gpu(backend, dtype, monkeypatch):
     assert len(calls) - on_cpu >= int(want.n_iter.max()) - 1 > on_cpu  # ... the masked loop at every step
     for a, b in zip(got, want):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+@needs_cpp
+@pytest.mark.parametrize("cosine", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_chunked_run_checks_every_chunk(monkeypatch, cosine, bad):
+    """Chunked, x is checked for NaN/inf chunk by chunk: a bad value in the last chunk raises."""
+    x, off = ragged([40, 50, 60], 4, dtype=torch.float32, seed=21)
+    group = torch.repeat_interleave(torch.arange(3), off.diff())
+    x[-3, 2] = bad
+    monkeypatch.setattr(R, "CPU_CHUNK_BYTES", 0)
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        kmeans(x, 3, group, cosine=cosine, backend="cpp")
+    with pytest.raises(ValueError, match="X contains NaN or inf"):
+        KMeans(3, cosine=cosine, backend="cpp").fit(x, group)
 
 
 def test_chunk_spans():

@@ -102,12 +102,17 @@ def register_fakes():
 
 # ---- validation ----------------------------------------------------------------------------
 
-def _check_x(name, x):
+def _check_x(name, x, finite=True):
     V.tensor(name, x, dtypes=V.FLOATS)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, D) points, got shape {tuple(x.shape)}")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be non-empty (N >= 1 points, D >= 1 features), got shape {tuple(x.shape)}")
+    if finite:
+        _check_finite(name, x)
+
+
+def _check_finite(name, x):
     # min and max propagate NaN and expose inf: one read of x, no N x D mask (isfinite(x).all()
     # costs 20x more on the CPU).
     lo, hi = torch.aminmax(x)
@@ -192,7 +197,7 @@ def kmeans(x, k, group=None, *, max_iter=100, tol=1e-4, init="k-means++", seed=0
 
 def _kmeans(x, k, group, *, max_iter, tol, init, seed, cosine, backend, names=("x", "k")):
     """kmeans; `names` are the caller's names of x and k for the error messages."""
-    _check_x(names[0], x)
+    _check_x(names[0], x, finite=False)
     _check_group(group, x.shape[0], x.device)
     k_t = _check_k(k, group, x.shape[0], x.device, names[1])
     _check_options(max_iter, tol, init, seed, cosine)
@@ -202,10 +207,15 @@ def _kmeans(x, k, group, *, max_iter, tol, init, seed, cosine, backend, names=("
     sync_every = GPU_SYNC_EVERY if x.is_cuda else 1
     # The C++ CPU kernels compute every group on its own, so the driver may run the groups in
     # cache-sized chunks (same result, bitwise); the reference's inertia is one prefix sum over
-    # all rows, so it runs unchunked.
-    chunk = R.CPU_CHUNK_BYTES if choice.backend == "cpp" else None
+    # all rows, so it runs unchunked. Chunked, x is checked for NaN/inf chunk by chunk, just
+    # before the chunk's first use: one fewer pass over x from memory.
+    chunk, check_rows = None, None
+    if choice.backend == "cpp":
+        chunk, check_rows = R.CPU_CHUNK_BYTES, lambda rows: _check_finite(names[0], rows)
+    else:
+        _check_finite(names[0], x)
     return R.run(_kernels(choice.backend), x, k_t, group, max_iter=int(max_iter), tol=float(tol), init=init,
-                 seed=int(seed), cosine=cosine, sync_every=sync_every, chunk_bytes=chunk)
+                 seed=int(seed), cosine=cosine, sync_every=sync_every, chunk_bytes=chunk, check_rows=check_rows)
 
 
 def kmeans_predict(x, centroids, k, group=None, *, cosine=False, backend=None):

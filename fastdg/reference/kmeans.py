@@ -330,14 +330,17 @@ def chunk_spans(offsets, row_bytes, budget):
     return spans
 
 
-def lloyd(kernels, lay: Layout, *, max_iter, tol, init, seed, sync_every, chunk_bytes=None) -> KMeansResult:
+def lloyd(kernels, lay: Layout, *, max_iter, tol, init, seed, sync_every, chunk_bytes=None,
+          check_rows=None) -> KMeansResult:
     """Lloyd iterations on every group at once; returns results in sorted-row order.
 
     Group g stops after iteration t when |I_{t-1} - I_t| <= tol * I_{t-1} (I = its inertia), or
     at max_iter. Its centroids are then the ones its final labels were assigned against.
     chunk_bytes (CPU only, kernels whose per-group results do not depend on the other groups):
     run consecutive groups of about that many bytes of x one chunk after the other, init and
-    loop; the result is bitwise the same as one run over all groups."""
+    loop; the result is bitwise the same as one run over all groups. check_rows: called with
+    each chunk's rows (or all rows) before they are used (e.g. to validate them while they are
+    about to be in cache)."""
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     draws = init_draws(lay, init, seed)
@@ -345,6 +348,8 @@ def lloyd(kernels, lay: Layout, *, max_iter, tol, init, seed, sync_every, chunk_
     if chunk_bytes is not None and lay.x.device.type == "cpu":
         spans = chunk_spans(lay.offsets, lay.x.shape[1] * lay.x.element_size(), chunk_bytes)
     if spans is None or len(spans) == 1:
+        if check_rows is not None:
+            check_rows(lay.x)
         return _lloyd(kernels, lay, draws, None, max_iter=max_iter, tol=tol, sync_every=sync_every)
     carry = None
     if init == "k-means++" and lay.kmax > 1:
@@ -355,6 +360,8 @@ def lloyd(kernels, lay: Layout, *, max_iter, tol, init, seed, sync_every, chunk_
         a, b = off[g0], off[g1]
         sub = Layout(lay.x[a:b], lay.offsets[g0:g1 + 1] - a, lay.k[g0:g1], lay.kmax, None,
                      lay.point_group[a:b] - g0, max(o1 - o0 for o0, o1 in zip(off[g0:g1], off[g0 + 1:g1 + 1])))
+        if check_rows is not None:
+            check_rows(sub.x)
         if init == "random":
             sub_draws = (draws[0][a:b],)
         else:
@@ -412,11 +419,11 @@ def _lloyd(kernels, lay: Layout, draws, carry, *, max_iter, tol, sync_every) -> 
 
 
 def run(kernels, x, k, group=None, *, max_iter=100, tol=1e-4, init="k-means++", seed=0, cosine=False,
-        sync_every=8, chunk_bytes=None) -> KMeansResult:
+        sync_every=8, chunk_bytes=None, check_rows=None) -> KMeansResult:
     """prepare + lloyd + back to input row order (what every backend of fastdg.ops.kmeans runs)."""
     lay = prepare(x, k, group, cosine=cosine)
     res = lloyd(kernels, lay, max_iter=max_iter, tol=tol, init=init, seed=seed, sync_every=sync_every,
-                chunk_bytes=chunk_bytes)
+                chunk_bytes=chunk_bytes, check_rows=check_rows)
     if lay.perm is None:
         return res
     labels = torch.empty_like(res.labels)
