@@ -60,10 +60,11 @@ namespace avx2 {
 #endif
 
 struct RowLoops {
-  void (*stats)(const float*, int64_t, float*, float*, float*) = &base::row_stats;
-  void (*grad)(const float*, int64_t, float, float, float, float*) = &base::row_grad;
-  void (*probs)(const float*, int64_t, float*, float*, float*, float*) = &base::row_probs;
+  void (*stats)(const float*, int64_t, float*, float*, float*, bool) = &base::row_stats;
+  void (*grad)(const float*, int64_t, float, float, float, float*, bool) = &base::row_grad;
+  void (*probs)(const float*, int64_t, float*, float*, float*, float*, bool) = &base::row_probs;
   void (*probs_grad)(const float*, int64_t, float, float, float*) = &base::row_probs_grad;
+  void (*log_rows)(const float*, const float*, int64_t, float*) = &base::log_rows;
   RowLoops() {
 #ifdef FASTDG_GL_X86
     // FASTDG_CPU_BASELINE=1 keeps the baseline loops (so tests can exercise them on AVX2 hosts).
@@ -73,6 +74,7 @@ struct RowLoops {
       grad = &avx2::row_grad;
       probs = &avx2::row_probs;
       probs_grad = &avx2::row_probs_grad;
+      log_rows = &avx2::log_rows;
     }
 #endif
   }
@@ -82,27 +84,36 @@ struct RowLoops {
   }
 };
 
-// A row of logits as floats: the row itself for fp32, else widened into `buf`.
+// A row of logits as floats: the row itself for fp32, else widened into `buf` (8 floats longer,
+// so that its tail vector may be read whole).
 template <typename scalar_t>
 const float* float_row(const scalar_t* z, int64_t K, std::vector<float>& buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return z;
   } else {
-    buf.resize(static_cast<size_t>(K));
+    buf.resize(static_cast<size_t>(K + 8));
     for (int64_t k = 0; k < K; ++k) buf[k] = static_cast<float>(z[k]);
     return buf.data();
   }
 }
 
+// May the row loops read a whole vector at the row's tail? Yes inside a padded widened row, and
+// when another row of the same (contiguous) tensor follows.
+template <typename scalar_t>
+bool overread_ok(bool more_rows) {
+  return more_rows || !std::is_same_v<scalar_t, float>;
+}
+
 // One row of the forward: m = max_k z, zsum = sum_k z, s = sum_k exp(z - m).
 // Float accumulation (fp32, fp16, bf16 rows) takes the vector loops; fp64 stays scalar.
 template <typename scalar_t>
-void row_stats(const scalar_t* z, int64_t K, std::vector<float>& buf, float* m, float* zsum, float* s) {
-  RowLoops::get().stats(float_row(z, K, buf), K, m, zsum, s);
+void row_stats(const scalar_t* z, int64_t K, std::vector<float>& buf, float* m, float* zsum, float* s,
+               bool more_rows) {
+  RowLoops::get().stats(float_row(z, K, buf), K, m, zsum, s, overread_ok<scalar_t>(more_rows));
 }
 
 inline void row_stats(const double* z, int64_t K, std::vector<float>&, double* m_out, double* zsum_out,
-                      double* s_out) {
+                      double* s_out, bool = false) {
   double m = -std::numeric_limits<double>::infinity(), zsum = 0, s = 0;
   for (int64_t k = 0; k < K; ++k) {
     m = std::max(m, z[k]);
@@ -116,20 +127,28 @@ inline void row_stats(const double* z, int64_t K, std::vector<float>&, double* m
 
 // row_stats that also writes the row's softmax to p (fp32 for float rows, fp64 for fp64 rows).
 template <typename scalar_t>
-void row_probs(const scalar_t* z, int64_t K, std::vector<float>& buf, float* m, float* zsum, float* s, float* p) {
-  RowLoops::get().probs(float_row(z, K, buf), K, m, zsum, s, p);
+void row_probs(const scalar_t* z, int64_t K, std::vector<float>& buf, float* m, float* zsum, float* s, float* p,
+               bool more_rows) {
+  RowLoops::get().probs(float_row(z, K, buf), K, m, zsum, s, p, overread_ok<scalar_t>(more_rows));
 }
 
 inline void row_probs(const double* z, int64_t K, std::vector<float>& buf, double* m, double* zsum, double* s,
-                      double* p) {
+                      double* p, bool = false) {
   row_stats(z, K, buf, m, zsum, s);
   for (int64_t k = 0; k < K; ++k) p[k] = std::exp(z[k] - *m) / *s;
+}
+
+// lse[i] = m[i] + log(s[i]) for n rows: vector logs for float rows, std::log for fp64.
+inline void log_rows(const float* m, const float* s, int64_t n, float* lse) { RowLoops::get().log_rows(m, s, n, lse); }
+
+inline void log_rows(const double* m, const double* s, int64_t n, double* lse) {
+  for (int64_t i = 0; i < n; ++i) lse[i] = m[i] + std::log(s[i]);
 }
 
 // One row of the backward: o_k = scale * (exp(z_k - lse) - target_k), target_k = off (+ hit at y).
 template <typename scalar_t>
 void row_grad(const scalar_t* z, int64_t K, int64_t y, float lse, float scale, float off, float hit, scalar_t* o,
-              std::vector<float>& buf, std::vector<float>& row) {
+              std::vector<float>& buf, std::vector<float>& row, bool more_rows) {
   const float* zf = float_row(z, K, buf);
   float* of;  // fp32 output is written in place, half output through a float row
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -138,7 +157,7 @@ void row_grad(const scalar_t* z, int64_t K, int64_t y, float lse, float scale, f
     row.resize(static_cast<size_t>(K));
     of = row.data();
   }
-  RowLoops::get().grad(zf, K, lse, scale, off, of);
+  RowLoops::get().grad(zf, K, lse, scale, off, of, overread_ok<scalar_t>(more_rows));
   of[y] -= scale * hit;  // the target column: scale (p_y - off - hit), no second exp
   if constexpr (!std::is_same_v<scalar_t, float>) {
     for (int64_t k = 0; k < K; ++k) o[k] = static_cast<scalar_t>(of[k]);
@@ -146,7 +165,7 @@ void row_grad(const scalar_t* z, int64_t K, int64_t y, float lse, float scale, f
 }
 
 inline void row_grad(const double* z, int64_t K, int64_t y, double lse, double scale, double off, double hit,
-                     double* o, std::vector<float>&, std::vector<float>&) {
+                     double* o, std::vector<float>&, std::vector<float>&, bool = false) {
   for (int64_t k = 0; k < K; ++k) {
     const double target_k = k == y ? off + hit : off;
     o[k] = scale * (std::exp(z[k] - lse) - target_k);
@@ -170,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor> segmented_sums(int64_t n, const int64_t* gp, 
   const int64_t blocks = (n + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<acc_t> part(static_cast<size_t>(std::max<int64_t>(blocks, 1) * G), acc_t(0));
   std::vector<acc_t> cnt(part.size(), acc_t(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Serial below 64 blocks (16k rows): waking the thread pool costs more than those additions.
+  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* ps = part.data() + b * G;
       acc_t* pc = cnt.data() + b * G;
@@ -222,22 +242,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_impl(
     acc_t* pp = probs.defined() ? probs.mutable_data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
       std::vector<float> buf;
-      for (int64_t i = i0; i < i1; ++i) {
+      std::vector<acc_t> mx(static_cast<size_t>(i1 - i0)), se(mx.size());
+      for (int64_t i = i0; i < i1; ++i) {  // row statistics; the row sum of z waits in lp
         const scalar_t* z = zp + i * K;
         const int64_t y = yp[i];
         TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
-        acc_t m, zsum, s;
         if (pp != nullptr) {
-          row_probs(z, K, buf, &m, &zsum, &s, pp + i * K);
+          row_probs(z, K, buf, &mx[i - i0], &lp[i], &se[i - i0], pp + i * K, i + 1 < n);
         } else {
-          row_stats(z, K, buf, &m, &zsum, &s);
+          row_stats(z, K, buf, &mx[i - i0], &lp[i], &se[i - i0], i + 1 < n);
         }
-        const acc_t l = m + std::log(s);
-        ep[i] = l;
+      }
+      log_rows(mx.data(), se.data(), i1 - i0, ep + i0);  // lse = m + log s, 8 rows a step
+      for (int64_t i = i0; i < i1; ++i) {
         // CE with smoothing: (1-ls) (lse - z_y) + ls (lse - mean_k z_k). Without smoothing the
         // mean term is left out, not multiplied by 0: a masked (-inf) logit would make it NaN.
+        const acc_t zsum = lp[i];
         const acc_t smooth = ls > 0 ? ls * zsum / static_cast<acc_t>(K) : acc_t(0);
-        lp[i] = l - (acc_t(1) - ls) * static_cast<acc_t>(z[y]) - smooth;
+        lp[i] = ep[i] - (acc_t(1) - ls) * static_cast<acc_t>(zp[i * K + yp[i]]) - smooth;
       }
     });
     std::tie(sums, counts) = segmented_sums<acc_t>(n, group.const_data_ptr<int64_t>(), num_groups, opt,
@@ -348,7 +370,7 @@ at::Tensor group_loss_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& tar
         const acc_t s = sp[g], l = ep[i];
         const scalar_t* z = zp + i * K;
         scalar_t* o = out + i * K;
-        row_grad(z, K, y, l, s, off, hit, o, buf, row);
+        row_grad(z, K, y, l, s, off, hit, o, buf, row, i + 1 < n);
       }
     });
   });
