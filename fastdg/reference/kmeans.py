@@ -298,8 +298,10 @@ def farthest_rows(lay: Layout, min_dist, r, pad: Padded | None = None, method=No
     key = bits[pad.rows] * 2 ** 32 + pad.tie  # in [0, 2^63) inside a group, < 0 past its end
     top = key.topk(min(r, lay.max_n), dim=1).indices
     n = lay.offsets[1:] - lay.offsets[:-1]
-    j = torch.minimum(torch.arange(r, device=top.device)[None, :], (torch.minimum(n, top.new_tensor(top.shape[1])) - 1)
-                      .clamp_min(0)[:, None])
+    # Python-scalar clamps only: a tensor made from a Python int would be a host-to-device copy
+    # (and a sync) every GPU iteration.
+    last = (n.clamp_max(top.shape[1]) - 1).clamp_min(0)
+    j = torch.minimum(torch.arange(r, device=top.device)[None, :], last[:, None])
     return lay.offsets[:-1, None] + top.gather(1, j)
 
 
