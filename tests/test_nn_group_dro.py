@@ -81,8 +81,9 @@ def test_bad_input():
         lf(torch.full_like(z, float("nan")), y, g)
     with pytest.raises(ValueError, match="num_groups"):
         GroupDROLoss(0)
-    with pytest.raises(ValueError, match="eta"):
-        GroupDROLoss(3, eta=-1)
+    for eta in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="eta must be a finite number"):
+            GroupDROLoss(3, eta=eta)
     with pytest.raises(RuntimeError, match="distributed"):
         GroupDROLoss(3, all_reduce=True)(z, y, g)
 

@@ -56,8 +56,8 @@ class GroupDROLoss(nn.Module):
         super().__init__()
         if int(num_groups) < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta < float("inf"):  # inf * 0 (an empty group) would be NaN in every weight
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         if all_reduce not in ("auto", True, False):
             raise ValueError(f"all_reduce must be 'auto', True or False, got {all_reduce!r}")
         self.num_groups, self.eta, self.label_smoothing = int(num_groups), float(eta), float(label_smoothing)

@@ -8,6 +8,11 @@ A backend is a kernel set with four entry points (schemas in csrc/fastdg.cpp):
     q_update(q, sums, counts, eta, adj) -> q_new, group_mean, robust    q' = normalise(q exp(eta L))
     bwd(logits, target, group, lse, scale, ls) -> grad_logits           scale[g] (softmax - onehot_ls)
 
+Eager calls on CPU tensors (no reduce_fn, logits given) take `fastdg::group_loss_fused` instead:
+the same C++ kernels in one call, with the backward in C++ reading the softmax the forward saved
+(at DomainBed sizes the Python autograd.Function and the small ops between kernels cost as much
+as the kernels). torch.compile and the all-reduce path use the kernel set through `_FromLogits`.
+
 Between `stats` and `q_update` an optional `reduce_fn(sums, counts)` can all-reduce the
 per-group sums and counts across data-parallel ranks (fastdg.nn.GroupDROLoss does), so that
 every rank computes the same q. Nothing here reads a device value on the host, except the
