@@ -3,13 +3,16 @@
 // cross-entropy and adds it to its group's partial sum; partial sums are kept per fixed
 // block of rows and reduced in block order, so the result does not depend on the thread
 // count or scheduling (no float atomics). Backward: one pass writing
-// grad[i] = group_scale[g_i] * (softmax(z_i) - smoothed_onehot(y_i)).
+// grad[i] = group_scale[g_i] * (softmax(z_i) - smoothed_onehot(y_i)). The fused eager op
+// (group_loss_fused, with a C++ autograd backward) saves the softmax in the forward, so its
+// backward streams over it with no second exp.
 //
 // Float rows (fp32, and fp16/bf16 widened row by row) go through 8-wide loops with a
-// polynomial exp, compiled for the baseline ISA and for AVX2+FMA and picked at run time (the
-// extension is built without -march flags); std::exp alone is scalar and costs ~3 ns an element,
-// which made the fused loss slower than the vectorised PyTorch code it replaces. fp64 rows keep
-// std::exp (they are the accuracy oracle path). Lane sums are combined in a fixed order.
+// polynomial exp (group_loss_rows.h), compiled for the baseline ISA and for AVX2+FMA and picked
+// at run time (the extension is built without -march flags); std::exp alone is scalar and costs
+// ~3 ns an element, which made the fused loss slower than the vectorised PyTorch code it
+// replaces. fp64 rows keep std::exp (they are the accuracy oracle path). Lane sums are combined
+// in a fixed order.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -172,6 +175,15 @@ inline void row_grad(const double* z, int64_t K, int64_t y, double lse, double s
   }
 }
 
+// Ids read by every kernel on a direct call (the public op validates them once, up front).
+inline void check_target(int64_t y, int64_t K) {
+  TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
+}
+
+inline void check_group(int64_t g, int64_t G) {
+  TORCH_CHECK(g >= 0 && g < G, "fastdg: group id ", g, " out of range [0, ", G, ")");
+}
+
 constexpr int64_t kRowsPerBlock = 256;  // fixed: the reduction order depends on it, not on threads
 
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -197,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> segmented_sums(int64_t n, const int64_t* gp, 
       const int64_t end = std::min(n, (b + 1) * kRowsPerBlock);
       for (int64_t i = b * kRowsPerBlock; i < end; ++i) {
         const int64_t g = gp[i];
-        TORCH_CHECK(g >= 0 && g < G, "fastdg: group id ", g, " out of range [0, ", G, ")");
+        check_group(g, G);
         ps[g] += value(i);
         pc[g] += acc_t(1);
       }
@@ -246,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_impl(
       for (int64_t i = i0; i < i1; ++i) {  // row statistics; the row sum of z waits in lp
         const scalar_t* z = zp + i * K;
         const int64_t y = yp[i];
-        TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
+        check_target(y, K);
         if (pp != nullptr) {
           row_probs(z, K, buf, &mx[i - i0], &lp[i], &se[i - i0], pp + i * K, i + 1 < n);
         } else {
@@ -365,8 +377,8 @@ at::Tensor group_loss_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& tar
       std::vector<float> buf, row;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t y = yp[i], g = gp[i];
-        TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
-        TORCH_CHECK(g >= 0 && g < G, "fastdg: group id ", g, " out of range [0, ", G, ")");
+        check_target(y, K);
+        check_group(g, G);
         const acc_t s = sp[g], l = ep[i];
         const scalar_t* z = zp + i * K;
         scalar_t* o = out + i * K;
@@ -403,8 +415,8 @@ void probs_grad_rows(const acc_t* pp, const int64_t* yp, const int64_t* gp, cons
     std::vector<acc_t> row;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t y = yp[i], g = gp[i];
-      TORCH_CHECK(y >= 0 && y < K, "fastdg: target ", y, " out of range [0, ", K, ")");
-      TORCH_CHECK(g >= 0 && g < G, "fastdg: group id ", g, " out of range [0, ", G, ")");
+      check_target(y, K);
+      check_group(g, G);
       const acc_t sc = scale[g];
       const acc_t* p = pp + i * K;
       acc_t* o;  // the output row itself when it has the accumulation dtype
